@@ -664,7 +664,7 @@ def validate_config(cfg: Any) -> None:
         except (ValueError, TypeError) as exc:
             problems.append(prefix + " ".join(str(exc).split()))
             continue
-        if result is not None and not isinstance(result, bool):
+        if isinstance(result, (list, tuple, set)):  # a validate() may also return self
             problems.extend(prefix + " ".join(str(p).split()) for p in result)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))

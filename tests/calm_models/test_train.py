@@ -1,0 +1,164 @@
+"""The shared training loop: exact resume, DDP equivalence, checkpoints, interrupts, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calm_models.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+WORDS = (
+    "the a model of text learns to predict next chunk vector from its context and a small "
+    "autoencoder maps four tokens into one latent which the decoder turns back into tokens"
+).split()
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """A deterministic ~40 kB JSONL corpus."""
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(120):
+        idx = torch.randint(len(WORDS), (int(torch.randint(20, 60, (1,), generator=g)),), generator=g)
+        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in idx.tolist()) + "."}))
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _tiny_args(tmp_path: Path, out: str, stage: str = "ar", **extra: object) -> list[str]:
+    corpus = _corpus(tmp_path)
+    args = {
+        "data.train_files": f"[{corpus}]",
+        "data.vocab_size": 300,
+        "data.block_len": 16,
+        "data.valid_fraction": 0.1,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "baseline.hidden_size": 32,
+        "baseline.num_layers": 2,
+        "baseline.num_heads": 2,
+        "baseline.max_seq_len": 64,
+        "autoencoder.hidden_size": 32,
+        "autoencoder.latent_size": 8,
+        "autoencoder.intermediate_size": 64,
+        "schedule.kind": "constant",
+        "schedule.warmup_steps": 3,
+        "optim.lr": 3e-3,
+        "run.out_dir": str(tmp_path / out),
+        "run.batch_size": 4,
+        "run.eval_every": 0,
+        "run.eval_batches": 1,
+        "run.save_every": 0,
+        "run.log_every": 1,
+        "run.progress": False,
+        "run.num_threads": 1,
+    }
+    args.update({k: v for k, v in extra.items()})
+    return [stage, *[f"{k}={v}" for k, v in args.items()]]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r.get("split") == "train"]
+
+
+@pytest.mark.parametrize("stage", ["ar", "autoencoder"])
+def test_resume_continues_exactly(tmp_path, stage):
+    """20 steps straight == 10 steps + resume + 10 steps (weights bit-identical on CPU)."""
+    assert main(_tiny_args(tmp_path, "straight", stage, **{"run.steps": 20})) == 0
+    assert main(_tiny_args(tmp_path, "split", stage, **{"run.steps": 10})) == 0
+    assert main([*_tiny_args(tmp_path, "split", stage, **{"run.steps": 20}), "--resume"]) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _train_losses(tmp_path / "straight")[-1] == _train_losses(tmp_path / "split")[-1]
+
+
+def test_resume_with_mismatched_model_config_names_the_field(tmp_path, capsys):
+    assert main(_tiny_args(tmp_path, "run", **{"run.steps": 2})) == 0
+    code = main([*_tiny_args(tmp_path, "run", **{"run.steps": 4, "baseline.num_layers": 3}), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "baseline.num_layers" in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_checkpoint_gives_one_line_error(tmp_path, capsys):
+    from calm_models.evaluate import main as evaluate_main
+
+    assert main(_tiny_args(tmp_path, "run", **{"run.steps": 2})) == 0
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    weights = tmp_path / "run" / "checkpoints" / latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors" in err and len(err.splitlines()) == 1
+
+
+def test_bad_config_gives_one_line_error(tmp_path, capsys):
+    assert main(_tiny_args(tmp_path, "run", **{"optim.lrr": 1.0})) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.lrr" in err and "lr" in err and len(err.splitlines()) == 1
+    assert main(_tiny_args(tmp_path, "run", **{"data.train_files": "[/nonexistent.jsonl]"})) == 2
+    assert "/nonexistent.jsonl" in capsys.readouterr().err
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 gloo processes and batch b == one process with batch 2b."""
+    common = {"run.steps": 4, "run.device": "cpu"}
+    one = _tiny_args(tmp_path, "one", **common, **{"run.batch_size": 8})
+    assert main(one) == 0
+    two = _tiny_args(tmp_path, "two", **common, **{"run.batch_size": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "calm_models.train", *two]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    l1, l2 = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 4
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    args = _tiny_args(tmp_path, "run", **{"run.steps": 100000})
+    proc = subprocess.Popen([sys.executable, "-m", "calm_models.train", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted at step" in err
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    # and it resumes from there
+    step = json.loads((tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() / "meta.json").read_text())["step"]
+    assert step >= 1
+    assert main([*_tiny_args(tmp_path, "run", **{"run.steps": step + 2}), "--resume"]) == 0
