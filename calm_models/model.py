@@ -251,33 +251,37 @@ class CALM(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def brier_estimates(
+    def sample_continuations(
         self,
         tokens: torch.Tensor,
         *,
         max_order: int = 4,
+        num_samples: int = 2,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unbiased per-position Brier-1..``max_order`` estimates on token blocks.
+        """Independent ``max_order``-token continuations at every chunk boundary, all at once.
 
-        Positions are the chunk boundaries ``s = K, 2K, ...`` with ``s + max_order <= L``: the
-        model predicts ``tokens[:, s:s+max_order]`` from ``tokens[:, :s]``. Two independent
-        continuations ``x1, x2`` are drawn per position and scored with
-        :func:`likelihood_free.brier_estimate`. With ``K >= max_order`` one head sample each
-        suffices; with ``K < max_order`` both continue autoregressively for
-        ``D = ceil(max_order / K)`` chunks, all positions at once: the rollout chunk of position
-        ``c`` at depth ``j`` attends to the real prefix up to ``c`` and to its own earlier rollout
-        chunks only (a block-diagonal mask over the appended keys), so ``D`` backbone passes cover
-        every position.
+        Positions are the chunk boundaries ``s = K, 2K, ...`` with ``s + max_order <= L``: a
+        continuation of position ``s`` is sampled given ``tokens[:, :s]``. With
+        ``K >= max_order`` one head sample per position suffices. With ``K < max_order`` each
+        continuation goes on autoregressively for ``D = ceil(max_order / K)`` chunks, every
+        position at once: the rollout chunk of position ``c`` at depth ``j`` attends to the real
+        prefix up to ``c`` and to its own earlier rollout chunks only (a block-diagonal mask over
+        the keys appended to the cache), so ``D`` backbone passes cover all positions instead of
+        one short generation per position.
 
         Args:
             tokens: Token ids ``(b, L)``.
-            max_order: Longest n-gram scored (4 for BrierLM).
+            max_order: Tokens per continuation.
+            num_samples: Independent continuations per position.
             generator: Optional generator.
 
         Returns:
-            ``(estimates, starts)``: estimates ``(b, P, max_order)`` and the token index
+            ``(draws, starts)``: draws ``(num_samples, b, P, max_order)`` and the token index
             ``s`` of each position ``(P,)``.
+
+        Raises:
+            TypeError, ValueError: On malformed ``tokens`` or when no position fits.
         """
         self._check_tokens(tokens)
         k = self.chunk_size
@@ -290,26 +294,56 @@ class CALM(nn.Module):
             )
         depth = -(-max_order // k)
         num_chunks = length // k
-        cache = self.backbone.new_cache(b, num_chunks + (depth - 1) * num_chunks)
+        cache = self.backbone.new_cache(b, num_chunks * depth) if depth > 1 else None
         hidden = self.hidden_states(tokens, cache=cache)  # (b, C, h)
-        chunks = [self.sample_chunks(hidden, 2, generator)]  # [(2, b, C, K)]
+        chunks = [self.sample_chunks(hidden, num_samples, generator)]  # [(S, b, C, K)]
         if depth > 1:
-            cache.select(torch.arange(b, device=tokens.device).repeat(2))  # rows (2b)
+            rows = torch.arange(b, device=tokens.device).repeat(num_samples)  # (S*b,)
+            cache.select(rows)
             pos = torch.arange(num_chunks, device=tokens.device)
-            prefix = pos[None, :] <= pos[:, None]  # (C, C) query c sees prefix keys <= c
+            prefix = pos[None, :] <= pos[:, None]  # (C, C): query c sees prefix keys <= c
             eye = torch.eye(num_chunks, dtype=torch.bool, device=tokens.device)
             for j in range(1, depth):
                 mask = torch.cat([prefix] + [eye] * j, dim=1)[None, None]  # (1, 1, C, C(1+j))
-                prev = chunks[-1].reshape(2 * b, num_chunks * k)  # (2b, C*K)
+                prev = chunks[-1].reshape(num_samples * b, num_chunks * k)  # (S*b, C*K)
                 hidden = self.hidden_states(
                     prev, position_ids=(pos + j)[None, :], attn_mask=mask, cache=cache
-                )  # (2b, C, h)
-                chunks.append(self.sample_chunks(hidden, 1, generator)[0].view(2, b, num_chunks, k))
-        draws = torch.cat(chunks, dim=-1)[:, :, :num_pos, :max_order]  # (2, b, P, n)
+                )  # (S*b, C, h)
+                nxt = self.sample_chunks(hidden, 1, generator)[0]  # (S*b, C, K)
+                chunks.append(nxt.view(num_samples, b, num_chunks, k))
+        draws = torch.cat(chunks, dim=-1)[:, :, :num_pos, :max_order]  # (S, b, P, n)
         starts = (torch.arange(num_pos, device=tokens.device) + 1) * k  # (P,)
+        return draws, starts
+
+    @torch.no_grad()
+    def brier_estimates(
+        self,
+        tokens: torch.Tensor,
+        *,
+        max_order: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unbiased per-position Brier-1..``max_order`` estimates on token blocks.
+
+        Two independent continuations ``x1, x2`` per chunk boundary
+        (:meth:`sample_continuations`) are scored against the observed tokens with
+        :func:`likelihood_free.brier_estimate`: ``1{x1=y} + 1{x2=y} - 1{x1=x2}`` per n-gram
+        prefix.
+
+        Args:
+            tokens: Token ids ``(b, L)``.
+            max_order: Longest n-gram scored (4 for BrierLM).
+            generator: Optional generator.
+
+        Returns:
+            ``(estimates, starts)``: estimates ``(b, P, max_order)`` and the token index
+            ``s`` of each position ``(P,)``; position ``s`` predicts ``tokens[:, s:s+max_order]``.
+        """
+        draws, starts = self.sample_continuations(
+            tokens, max_order=max_order, num_samples=2, generator=generator
+        )
         index = starts[:, None] + torch.arange(max_order, device=tokens.device)  # (P, n)
-        target = tokens[:, index]  # (b, P, n)
-        return brier_estimate(draws[0], draws[1], target), starts
+        return brier_estimate(draws[0], draws[1], tokens[:, index]), starts
 
     # ----------------------------------------------------------------------------------------
     def _next_chunk(
@@ -335,6 +369,7 @@ class CALM(nn.Module):
             max_rounds=max_rounds,
             on_exhausted="fallback",
             pass_rows=True,
+            batch_size=hidden.shape[0],
             generator=generator,
         )
         return result.samples
