@@ -244,13 +244,13 @@ def _tiny(stage: str) -> TrainConfig:
     cfg.data = DataConfig(vocab_size=2048, block_len=64, max_train_bytes=3_000_000,
                           max_valid_bytes=300_000, tokenizer_train_bytes=3_000_000)
     cfg.autoencoder = AutoencoderConfig(vocab_size=2048, chunk_size=4, latent_size=128,
-                                        hidden_size=256, intermediate_size=512)
+                                        hidden_size=256, intermediate_size=640)
     backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704,
                               max_seq_len=256)
     cfg.calm = CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2),
                           num_targets=100)
     cfg.baseline = backbone
-    cfg.optim = OptimConfig(lr=1e-3 if stage == "autoencoder" else 5e-4, weight_decay=0.1)
+    cfg.optim = OptimConfig(lr=5e-3 if stage == "autoencoder" else 5e-4, weight_decay=0.1)
     cfg.schedule = ScheduleConfig(kind="cosine", warmup_steps=50)
     cfg.run = RunConfig(out_dir=f"runs/tiny-{stage}", steps=400 if stage == "autoencoder" else 300,
                         batch_size=32 if stage == "autoencoder" else 16,
