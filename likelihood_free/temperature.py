@@ -1,0 +1,813 @@
+"""Temperature sampling for black-box samplers.
+
+A likelihood-free model (for example a CALM generative head) gives a *sampler*, not logits, so
+the tempered distribution ``P_T(x) = P(x)^(1/T) / Z_T`` with ``Z_T = sum_x P(x)^(1/T)`` has to be
+reached from samples alone. This module offers:
+
+* :func:`temperature_sample`: an exact rejection sampler for any ``T`` in ``(0, 1]``. Write
+  ``1/T = n + alpha`` with ``n = floor(1/T)`` and ``alpha`` in ``[0, 1)``. One *attempt* draws ``n``
+  values; they must all be identical (probability ``P(x)^n`` for the value ``x``). When
+  ``alpha > 0`` the candidate must then also pass :func:`bernoulli_factory_power` for
+  ``P(x)^alpha``, whose coin is "a fresh draw equals the candidate". An attempt therefore accepts
+  ``x`` with probability ``P(x)^(n + alpha) = P(x)^(1/T)`` and the accepted values follow
+  ``P_T`` exactly. The expected number of draws per row is
+
+  ``E[draws] = (n + 1{alpha > 0} * sum_x P(x)^(1/T - 1)) / Z_T``
+
+  (Wald's identity: an attempt costs ``n`` draws plus, after the ``n`` draws agreed on ``x``, the
+  factory's ``P(x)^(alpha - 1)`` expected draws; attempts repeat ``1 / Z_T`` times on average).
+* :func:`bernoulli_factory_power`: the generic factory turning a coin of unknown success
+  probability ``p`` into a coin of success probability ``p^alpha``, ``alpha`` in ``(0, 1]``.
+* :func:`batched_temperature_sample`: a fixed-cost approximation that re-weights ``N`` given
+  draws per row (the CALM paper's batch scheme, generalised to any ``T``), fully vectorised.
+
+Events are compared as a whole: a CALM chunk of ``K`` token ids is one event, and two events are
+equal when all their elements are equal, so draws must be integers or otherwise exactly
+comparable values.
+"""
+
+# Axis key (tensor shapes in comments):
+#   k      draws (or coin flips) requested from the sampler in one round
+#   b      batch rows
+#   r      rows still active (not yet accepted) in the exact sampler
+#   N      candidate draws per row (batched approximation)
+#   E      number of elements of one event (prod of *event; 1 for scalar events)
+#   *event trailing shape of one event (e.g. (K,) for a chunk of K token ids)
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable
+from numbers import Real
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BernoulliFactoryResult",
+    "TemperatureSample",
+    "TemperatureSamplingExhausted",
+    "batched_temperature_sample",
+    "bernoulli_factory_power",
+    "temperature_sample",
+]
+
+# 1/T is snapped to the nearest integer when it is this close (relative), so that T = 1/3, 0.1
+# and friends give alpha = 0 exactly despite floating point.
+_SNAP_TOLERANCE = 1e-9
+# Beyond this, n identical draws per attempt is hopeless (and 1/T may not even be finite).
+_MAX_INVERSE_TEMPERATURE = 1e6
+_ON_EXHAUSTED = ("raise", "fallback")
+# With pass_rows=True and the default draws_per_round, a round asks the last rows for up to this
+# many times the base number of draws (tail rows of the factory can need thousands of draws).
+_MAX_GROWTH = 16
+# The batched sampler reads per-draw weights from an (N+1)^2 table up to this N (8 MiB).
+_MAX_LOOKUP_N = 1023
+
+
+class TemperatureSample(NamedTuple):
+    """Result of :func:`temperature_sample`.
+
+    Attributes:
+        samples: ``(batch, *event)`` one value per row, same dtype and device as the draws.
+        draws: ``(batch,)`` long, draws consumed by each row's procedure (draws requested in the
+            same round but not needed after the row accepted are not counted).
+        exhausted: ``(batch,)`` bool, rows that had not accepted after ``max_rounds`` rounds (only
+            ever ``True`` with ``on_exhausted="fallback"``; their sample is the fallback value).
+    """
+
+    samples: Tensor
+    draws: Tensor
+    exhausted: Tensor
+
+
+class BernoulliFactoryResult(NamedTuple):
+    """Result of :func:`bernoulli_factory_power`.
+
+    Attributes:
+        outcome: ``(batch,)`` bool, ``True`` with probability ``p^alpha`` per row (``False`` for
+            exhausted rows).
+        flips: ``(batch,)`` long, coin flips consumed by each row.
+        exhausted: ``(batch,)`` bool, rows that had not decided after ``max_steps`` flips.
+    """
+
+    outcome: Tensor
+    flips: Tensor
+    exhausted: Tensor
+
+
+class TemperatureSamplingExhausted(RuntimeError):
+    """Raised by :func:`temperature_sample` when rows have not accepted within ``max_rounds``.
+
+    Attributes:
+        rows: indices of the rows that did not accept, as a Python list.
+        result: the :class:`TemperatureSample` that ``on_exhausted="fallback"`` would have returned.
+    """
+
+    def __init__(self, message: str, rows: list[int], result: TemperatureSample) -> None:
+        super().__init__(message)
+        self.rows = rows
+        self.result = result
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _split_inverse_temperature(temperature: float) -> tuple[int, float]:
+    """Validate ``temperature`` and return ``(n, alpha)`` with ``1/T = n + alpha``.
+
+    ``alpha`` is snapped to ``0`` when ``1/T`` is within a relative ``1e-9`` of an integer, so that
+    ``T = 0.5`` gives ``(2, 0.0)`` and ``T = 1/3`` gives ``(3, 0.0)``.
+    """
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1 or temperature.is_complex():
+            raise TypeError(
+                "temperature must be a real number or a one-element real tensor, got a tensor "
+                f"of shape {tuple(temperature.shape)} and dtype {temperature.dtype}"
+            )
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    t = float(temperature)
+    if math.isnan(t):
+        raise ValueError("temperature must be in (0, 1], got nan")
+    if t > 1.0:
+        raise ValueError(
+            f"temperature must be in (0, 1], got {t}: T > 1 flattens the distribution, which "
+            "cannot be reached by rejection from the model's own samples"
+        )
+    if t <= 0.0:
+        raise ValueError(
+            f"temperature must be in (0, 1], got {t}: T <= 0 is greedy decoding (the mode), "
+            "which a sampler cannot give exactly; use a small positive temperature instead"
+        )
+    inv = 1.0 / t
+    if inv > _MAX_INVERSE_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at least {1.0 / _MAX_INVERSE_TEMPERATURE:g}, got {t}: it would "
+            f"need {inv:.3g} identical draws per attempt"
+        )
+    nearest = round(inv)
+    if abs(inv - nearest) <= _SNAP_TOLERANCE * inv:
+        return int(nearest), 0.0
+    n = math.floor(inv)
+    return n, inv - n
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _uniform(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """Float64 uniforms in [0, 1) on ``device``, drawn on the generator's own device."""
+    if generator is None:
+        return torch.rand(shape, device=device, dtype=torch.float64)
+    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+    return u.to(device)
+
+
+def _first_true(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(k, r)`` bool -> ``(any (r,), index (r,))`` of the first ``True`` along dim 0 (0 if none)."""
+    return mask.any(dim=0), mask.to(torch.uint8).argmax(dim=0)
+
+
+def _factory_step(
+    flip: Tensor, u: Tensor, step: Tensor | int, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """One step ``i`` (``step``, 1-based) of the p^alpha factory: ``(accept, reject)`` masks.
+
+    Heads accepts; tails rejects with probability ``alpha / i`` (``u < alpha / i``), else the
+    factory continues with step ``i + 1``.
+    """
+    return flip, ~flip & (u * step < alpha)
+
+
+# ----------------------------------------------------------------------------- Bernoulli factory
+
+
+def bernoulli_factory_power(
+    coin: Callable[[int], Tensor],
+    alpha: float,
+    *,
+    flips_per_call: int = 4,
+    max_steps: int = 10_000,
+    generator: torch.Generator | None = None,
+) -> BernoulliFactoryResult:
+    """Turn coins of unknown success probability ``p`` into coins of probability ``p^alpha``.
+
+    For every row independently: for ``i = 1, 2, ...`` flip the coin; heads returns ``True``;
+    tails returns ``False`` with probability ``alpha / i``, else continue. Since
+    ``prod_{j<=m} (1 - alpha/j) = (-1)^m binom(alpha - 1, m)``, the binomial series gives
+
+    ``P(True) = p * sum_m (1-p)^m prod_{j<=m}(1 - alpha/j) = p * p^(alpha-1) = p^alpha``
+
+    and the expected number of flips is ``sum_m (1-p)^m prod_{j<=m}(1 - alpha/j) = p^(alpha-1)``
+    (one flip when ``alpha = 1``; unbounded tail when ``p`` is tiny, hence ``max_steps``).
+
+    All rows run in parallel: each call asks ``coin(flips_per_call)`` for several flips of every row
+    and the first deciding flip of each row is found with whole-tensor operations. Flips after a
+    row's decision are discarded (they are independent, so this does not bias anything) and are
+    not counted in ``flips``.
+
+    Args:
+        coin: ``coin(k) -> (k, batch)`` bool tensor of independent flips, row ``j`` having its own
+            unknown success probability ``p_j``. The batch size must not change between calls.
+        alpha: exponent in ``(0, 1]``.
+        flips_per_call: flips requested per call (``k``), ``>= 1``.
+        max_steps: flips after which undecided rows stop; they get ``outcome=False`` and
+            ``exhausted=True`` (``p^alpha`` is then small: at least that many tails in a row).
+        generator: random generator for the factory's own ``alpha / i`` decisions.
+
+    Returns:
+        :class:`BernoulliFactoryResult` with ``outcome`` ``(batch,)`` bool, ``flips`` ``(batch,)``
+        long and ``exhausted`` ``(batch,)`` bool, on the coin's device.
+
+    Raises:
+        TypeError: ``alpha``, ``flips_per_call`` or ``max_steps`` of the wrong type, or a coin
+            that does not return a bool tensor.
+        ValueError: ``alpha`` outside ``(0, 1]``, non-positive counts, or a coin returning the
+            wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from likelihood_free.temperature import bernoulli_factory_power
+        >>> g = torch.Generator().manual_seed(0)
+        >>> p = torch.full((20000,), 0.25)
+        >>> coin = lambda k: torch.rand(k, p.numel(), generator=g) < p
+        >>> res = bernoulli_factory_power(coin, 0.5, generator=g)
+        >>> round(res.outcome.float().mean().item(), 1)  # 0.25 ** 0.5
+        0.5
+        >>> round(res.flips.float().mean().item(), 0)  # 0.25 ** -0.5
+        2.0
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise TypeError(f"alpha must be a real number in (0, 1], got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not 0.0 < alpha <= 1.0:  # also rejects nan
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    k = _check_int(flips_per_call, "flips_per_call", 1)
+    max_steps = _check_int(max_steps, "max_steps", 1)
+
+    outcome = flips = done = None
+    batch = -1
+    steps_done = 0  # every undecided row has used exactly this many flips
+    while steps_done < max_steps:
+        k_now = min(k, max_steps - steps_done)
+        f = coin(k_now)
+        if not isinstance(f, Tensor) or f.dtype != torch.bool:
+            got = f.dtype if isinstance(f, Tensor) else type(f).__name__
+            raise TypeError(f"coin(k) must return a bool tensor of shape (k, batch), got {got}")
+        if outcome is None:
+            if f.dim() != 2:
+                raise ValueError(
+                    f"coin(k) must return shape (k, batch), got {tuple(f.shape)} for k={k_now}"
+                )
+            batch = f.shape[1]
+            outcome = torch.zeros(batch, dtype=torch.bool, device=f.device)
+            flips = torch.zeros(batch, dtype=torch.long, device=f.device)
+            done = torch.zeros(batch, dtype=torch.bool, device=f.device)
+        if tuple(f.shape) != (k_now, batch):
+            raise ValueError(
+                f"coin(k) must return shape (k, batch) = ({k_now}, {batch}), got {tuple(f.shape)}"
+            )
+        u = _uniform((k_now, batch), f.device, generator)  # (k, b)
+        steps = torch.arange(steps_done + 1, steps_done + k_now + 1, device=f.device)[:, None]
+        accept, reject = _factory_step(f, u, steps, alpha)  # (k, b) each
+        decided, first = _first_true(accept | reject)  # (b,) each: first deciding flip
+        newly = decided & ~done
+        outcome = torch.where(newly, accept.gather(0, first[None]).squeeze(0), outcome)
+        used = torch.where(decided, first + 1, torch.full_like(first, k_now))
+        flips = flips + torch.where(done, torch.zeros_like(used), used)
+        done = done | decided
+        steps_done += k_now
+        if bool(done.all()):  # one host sync per call, never per row
+            break
+    return BernoulliFactoryResult(outcome=outcome, flips=flips, exhausted=~done)
+
+
+# ----------------------------------------------------------------------------- exact sampler
+
+
+def temperature_sample(
+    sampler: Callable[..., Tensor],
+    temperature: float,
+    *,
+    max_rounds: int = 10_000,
+    on_exhausted: str = "raise",
+    pass_rows: bool = False,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    draws_per_round: int | None = None,
+    generator: torch.Generator | None = None,
+) -> TemperatureSample:
+    """Sample exactly from ``P(x)^(1/T) / Z_T`` for every row, given only a sampler of ``P``.
+
+    With ``1/T = n + alpha`` (``n = floor(1/T)``, ``alpha`` snapped to 0 near integers), every row
+    repeats *attempts* until one accepts: draw ``n`` values; if they are not all identical the
+    attempt fails; otherwise, if ``alpha > 0``, run the ``p^alpha`` Bernoulli factory
+    (:func:`bernoulli_factory_power`) whose coin is "a fresh draw equals the candidate": for
+    ``i = 1, 2, ...`` a draw equal to the candidate accepts it, otherwise the attempt fails with
+    probability ``alpha / i`` or the factory continues. An attempt accepts ``x`` with probability
+    ``P(x)^n * P(x)^alpha``, so accepted values are distributed as ``P^(1/T) / Z_T`` exactly. The
+    mean of ``draws`` is ``(n + 1{alpha > 0} sum_x P(x)^(1/T - 1)) / Z_T`` (every attempt is
+    charged its ``n`` draws even when the first two already differ, as in the CALM paper).
+
+    All rows run in parallel with whole-batch tensor operations, and every *round* is one
+    sampler call for ``k`` draws of each active row. A row in the identical-draws phase splits
+    its ``k`` draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; the
+    factory then consumes the draws after it (or, for a row already in the factory, all ``k``)
+    up to its first decision, all found with tensor operations (no loop over rows or draws).
+    Draws left over in a round (after an acceptance, a factory rejection, or a partial attempt)
+    are discarded: they are independent of everything decided, so this does not bias anything,
+    and ``draws`` only counts the draws each row's procedure used. Rows that have accepted stop
+    asking: with ``pass_rows=True`` the sampler is only called for the active rows; with
+    ``pass_rows=False`` it is called for the whole batch and finished rows' draws are ignored.
+    ``T = 1`` takes one draw per row.
+
+    Args:
+        sampler: with ``pass_rows=False``, ``sampler(k) -> (k, batch, *event)``: ``k`` independent
+            draws for every row. With ``pass_rows=True``, ``sampler(k, rows) -> (k, len(rows),
+            *event)`` where ``rows`` is a LongTensor of the still-active row indices (ascending);
+            this lets a model skip its head for finished rows. Draws must be integers or otherwise
+            exactly comparable; whole events are compared (all elements equal). Its randomness
+            must be independent of ``generator`` (sharing one generator object is fine; two
+            generators seeded alike are not).
+        temperature: ``T`` in ``(0, 1]``.
+        max_rounds: maximum number of sampler calls, ``>= 1``.
+        on_exhausted: what to do with rows that have not accepted after ``max_rounds``:
+            ``"raise"`` raises :class:`TemperatureSamplingExhausted` listing them;
+            ``"fallback"`` returns, for those rows, the value of their latest attempt (its first
+            draw, which is *not* a tempered sample) and marks them in ``exhausted``.
+        pass_rows: call the sampler with the active row indices (see ``sampler``).
+        batch_size: number of rows; required when ``pass_rows=True`` (the first call gets
+            ``rows = arange(batch_size)``), otherwise optional and checked against the sampler.
+        device: device of the ``rows`` tensors given to the sampler. Default: the generator's
+            device (else the CPU) for the first call, then the device of the draws.
+        draws_per_round: draws ``k`` per active row and round, ``>= n``. Default: ``n`` when
+            ``alpha = 0``, ``n + 1`` otherwise; with ``pass_rows=True`` the default then grows as
+            rows finish (``k = base * batch / (4 * rows left)``, at most 16 times the base), so
+            that the last rows, which can need many draws, take fewer sampler calls.
+        generator: random generator for the factory's ``alpha / i`` decisions.
+
+    Returns:
+        :class:`TemperatureSample`: ``samples`` ``(batch, *event)`` with the draws' dtype and
+        device, ``draws`` ``(batch,)`` long and ``exhausted`` ``(batch,)`` bool.
+
+    Raises:
+        ValueError: temperature outside ``(0, 1]`` or nan (``T > 1`` cannot be reached by
+            rejection from the model's own samples; ``T <= 0`` is greedy decoding), bad
+            ``max_rounds``/``draws_per_round``/``batch_size``, unknown ``on_exhausted``, missing
+            ``batch_size`` with ``pass_rows=True``, or a sampler output of the wrong shape.
+        TypeError: arguments of the wrong type or a sampler that does not return a tensor.
+        TemperatureSamplingExhausted: rows still active after ``max_rounds`` with
+            ``on_exhausted="raise"``; the message lists their indices.
+
+    Example:
+        >>> import torch
+        >>> from likelihood_free.temperature import temperature_sample
+        >>> probs = torch.tensor([0.6, 0.3, 0.1])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> def sampler(k):  # k draws for each of 4000 rows: (k, 4000)
+        ...     return torch.multinomial(probs.expand(4000, 3), k, True, generator=g).T
+        >>> out = temperature_sample(sampler, 0.5, generator=g)
+        >>> out.samples.shape, out.draws.dtype, bool(out.exhausted.any())
+        (torch.Size([4000]), torch.int64, False)
+        >>> target = probs**2 / (probs**2).sum()  # about [0.78, 0.20, 0.02]
+        >>> freq = torch.bincount(out.samples, minlength=3) / 4000
+        >>> bool((freq - target).abs().max() < 0.03)
+        True
+    """
+    n, alpha = _split_inverse_temperature(temperature)
+    max_rounds = _check_int(max_rounds, "max_rounds", 1)
+    if not isinstance(on_exhausted, str) or on_exhausted not in _ON_EXHAUSTED:
+        raise ValueError(f"on_exhausted must be one of {_ON_EXHAUSTED}, got {on_exhausted!r}")
+    if not isinstance(pass_rows, bool):
+        raise TypeError(f"pass_rows must be a bool, got {type(pass_rows).__name__}")
+    if batch_size is not None:
+        batch_size = _check_int(batch_size, "batch_size", 0)
+    elif pass_rows:
+        raise ValueError(
+            "batch_size is required when pass_rows=True (the first call gets "
+            "rows = arange(batch_size))"
+        )
+    if draws_per_round is None:
+        base_k = n + (1 if alpha > 0 else 0)
+    else:
+        base_k = _check_int(draws_per_round, "draws_per_round", 1)
+        if base_k < n:
+            raise ValueError(
+                f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}"
+            )
+    adaptive = draws_per_round is None and pass_rows
+    rows_device = torch.device(device) if device is not None else None
+    what = "sampler(k, rows)" if pass_rows else "sampler(k)"
+
+    k, batch = base_k, -1
+    rows = None  # (r,) indices of the rows still sampling, on the draws' device
+    for _ in range(max_rounds):
+        # ---- one sampler call: x (k, r, *event)
+        if pass_rows:
+            if rows is None:
+                first_device = rows_device or (
+                    generator.device if generator is not None else torch.device("cpu")
+                )
+                call_rows = torch.arange(batch_size, device=first_device)
+            else:
+                call_rows = rows if rows_device is None else rows.to(rows_device)
+                if adaptive:  # fewer rows left: more draws each, ~batch * base_k / 4 in all
+                    k = min(
+                        _MAX_GROWTH * base_k, max(base_k, base_k * batch_size // (4 * len(rows)))
+                    )
+            x = sampler(k, call_rows)
+            expected_batch = call_rows.shape[0]
+        else:
+            x = sampler(k)
+            expected_batch = None if rows is None else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what} must return a tensor, got {type(x).__name__}")
+        if (
+            x.dim() < 2
+            or x.shape[0] != k
+            or (expected_batch is not None and x.shape[1] != expected_batch)
+        ):
+            want = "len(rows)" if pass_rows else "batch"
+            raise ValueError(
+                f"{what} must return shape (k, {want}, *event) with k={k}"
+                + (f" and {want}={expected_batch}" if expected_batch is not None else "")
+                + f", got {tuple(x.shape)}"
+            )
+        if rows is None:  # first round: learn batch, event shape, dtype and device
+            batch = x.shape[1]
+            if batch_size is not None and batch != batch_size:
+                raise ValueError(f"sampler(k) returned batch {batch} but batch_size={batch_size}")
+            event_shape, dtype, dev = x.shape[2:], x.dtype, x.device
+            e = math.prod(event_shape)
+            out_samples = torch.empty((batch, e), dtype=dtype, device=dev)
+            out_draws = torch.zeros(batch, dtype=torch.long, device=dev)
+            exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
+            rows = torch.arange(batch, device=dev)
+            cand = torch.empty((batch, e), dtype=dtype, device=dev)  # current attempt's value
+            in_factory = torch.zeros(batch, dtype=torch.bool, device=dev)
+            step = torch.ones(batch, dtype=torch.long, device=dev)  # next factory step i
+            used = torch.zeros(batch, dtype=torch.long, device=dev)  # draws consumed
+        elif x.shape[2:] != event_shape or x.dtype != dtype:
+            raise ValueError(
+                f"{what} changed its event shape or dtype between calls: first "
+                f"{tuple(event_shape)} {dtype}, now {tuple(x.shape[2:])} {x.dtype}"
+            )
+        r = rows.shape[0]
+        if r == 0:
+            break
+        if not pass_rows:
+            x = x.index_select(1, rows.to(x.device))
+        x = x.to(dev).reshape(k, r, e)  # (k, r, E)
+
+        # ---- identical-draws phase: k // n attempts per row, take the first that passes
+        attempts = k // n
+        blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
+        firsts = blocks[:, 0]  # (a, r, E)
+        same = (blocks == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
+        passed, block = _first_true(same & ~in_factory)  # (r,) each
+        block = torch.where(passed, block, torch.full_like(block, attempts - 1))
+        picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+        cand = torch.where(in_factory[:, None], cand, picked)
+        used = used + torch.where(in_factory, 0, torch.where(passed, block + 1, attempts) * n)
+        if alpha == 0:
+            accepted = passed
+        else:
+            # ---- p^alpha factory: coin "draw == candidate", from position `begin` on
+            begin = torch.where(in_factory, 0, (block + 1) * n)  # (r,)
+            first_step = torch.where(in_factory, step, 1)
+            factory = in_factory | passed
+            pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
+            steps = first_step + (pos - begin)  # (k, r) factory step of each draw
+            heads = (x == cand).all(dim=-1)  # (k, r)
+            accept, reject = _factory_step(heads, _uniform((k, r), dev, generator), steps, alpha)
+            live = (pos >= begin) & factory
+            decided, at = _first_true(live & (accept | reject))
+            accepted = decided & heads.gather(0, at[None]).squeeze(0)
+            used = used + torch.where(factory, torch.where(decided, at + 1, k) - begin, 0)
+            step = first_step + (k - begin)
+            in_factory = factory & ~decided
+
+        # ---- write out accepted rows, keep the others (two host syncs per round)
+        done = accepted.nonzero().squeeze(1)
+        out_samples[rows[done]] = cand[done]
+        out_draws[rows[done]] = used[done]
+        keep = (~accepted).nonzero().squeeze(1)
+        rows, cand, in_factory, step, used = (t[keep] for t in (rows, cand, in_factory, step, used))
+        if rows.shape[0] == 0:
+            break
+
+    if rows.shape[0] > 0:
+        out_samples[rows] = cand
+        out_draws[rows] = used
+        exhausted[rows] = True
+    result = TemperatureSample(
+        samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted
+    )
+    if rows.shape[0] > 0 and on_exhausted == "raise":
+        bad = rows.tolist()  # error path only
+        shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+        raise TemperatureSamplingExhausted(
+            f"{len(bad)} row(s) did not accept a sample within max_rounds={max_rounds} "
+            f"(T={float(temperature):g}, {base_k} draws per round): rows [{shown}]. The sampler "
+            "may rarely repeat itself at this temperature; raise max_rounds or draws_per_round, "
+            "or pass on_exhausted='fallback' to return untempered draws for those rows",
+            rows=bad,
+            result=result,
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- batch approximation
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 output for ``x`` (Python ints), as a signed 64-bit value."""
+    z = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+_HASH_BASE = _splitmix64(2024) | 1  # odd; as a signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64's multipliers as signed int64
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_FOLD = _splitmix64(7) | 1  # odd multiplier whose top 32 product bits hash a key
+_LANE_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+
+def _event_keys(flat: Tensor) -> Tensor:
+    """``(m, E)`` events -> ``(m,)`` int64 keys: equal events get equal keys.
+
+    With ``w = 64 // E`` bits per element, an event whose elements are all integers in
+    ``[0, 2**w)`` (e.g. token ids below 65536 for ``E = 4``, below 2**32 for ``E = 2``; always the
+    case when the dtype itself has at most ``w`` bits) is packed exactly into one int64 (an
+    injective key). Other events get a polynomial hash ``sum_e mix(x_e) B^(E-1-e) mod 2**64``
+    (``mix`` a bijective 64-bit mixer, ``B`` a fixed random odd base): two different events then
+    share a key with probability about ``E * 2**-64``. Floats are keyed by their bit pattern
+    after mapping ``-0.0`` to ``0.0``; bools as 0/1. On CPU, when every element of int64 events
+    fits (one check for the whole tensor), the low ``w`` bits of each element are copied side
+    by side in one pass instead.
+    """
+    e = flat.shape[1]
+    if flat.dtype == torch.bool:
+        bits, x = 1, flat.to(torch.int64)
+    elif flat.dtype.is_floating_point:
+        if torch.finfo(flat.dtype).bits == 8:  # float8: widen exactly first
+            flat = flat.to(torch.float32)
+        bits = torch.finfo(flat.dtype).bits
+        as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
+        x = (flat + 0.0).view(as_int).to(torch.int64)  # -0.0 -> 0.0, then the bit pattern
+    else:
+        bits, x = torch.iinfo(flat.dtype).bits, flat.to(torch.int64)
+    if e == 1:
+        return x[:, 0]
+    width = 64 // e
+    if bits <= width:  # known from the dtype: every event packs exactly
+        mask = (1 << bits) - 1
+        key = x[:, 0] & mask
+        for i in range(1, e):
+            key = torch.add(x[:, i] & mask, key, alpha=1 << bits)  # key * 2**bits + x_i
+        return key
+    if (
+        x.device.type == "cpu"
+        and flat.dtype == torch.int64
+        and width in _LANE_DTYPES
+        and x.stride(-1) == 1
+        and sys.byteorder == "little"
+    ):
+        low, high = torch.aminmax(x)  # reading CPU flags costs no device sync
+        if bool(low >= 0) and bool(high < (1 << width)):
+            # every element fits in its lowest `width` bits: keep those lanes, one copy
+            lanes = x.view(_LANE_DTYPES[width])[:, :: 64 // width]  # (m, E) strided
+            return lanes.contiguous().view(torch.int64).view(-1)
+    packed = any_bits = x[:, 0]
+    for i in range(1, e):
+        packed = torch.add(x[:, i], packed, alpha=1 << width)  # Horner in base 2**w (wraps)
+        any_bits = any_bits | x[:, i]
+    fits = (any_bits >> width) == 0  # all elements in [0, 2**w) (negatives have high bits)
+    if x.device.type == "cpu" and bool(fits.all()):  # reading a CPU flag costs no device sync
+        return packed
+    hashed = _mix64(x[:, 0])
+    for i in range(1, e):
+        hashed = torch.add(_mix64(x[:, i]), hashed, alpha=_HASH_BASE)  # Horner in base B (wraps)
+    return torch.where(fits, packed, hashed)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    """SplitMix64's bijective finaliser on int64 tensors (wrapping products, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _sort_groups(keys: Tensor, n_cand: int, *, fold: bool = True) -> tuple[Tensor, Tensor]:
+    """Order ``(b*N,)`` row-major keys so that equal keys of a row are adjacent.
+
+    Returns ``(perm, start)``: ``perm`` is a stable sorting permutation (ties keep row-major
+    order, so the draws of different rows with the same key stay apart) and ``start`` ``(b*N,)``
+    bool marks, in that order, the first draw of each group of equal keys within a row.
+
+    On CPU the sort runs on a 32-bit hash of the keys (about twice as fast as sorting int64)
+    and the full keys are compared afterwards. Should two different keys of one row share a hash
+    (about ``2**-32`` per pair of draws), they could interleave; the CPU reads that flag (no
+    device synchronisation on CPU) and sorts the full keys instead. Accelerators always sort the
+    int64 keys.
+    """
+    m = keys.numel()
+    folded = fold and keys.device.type == "cpu"
+    if folded:
+        s_fold, perm = torch.sort(((keys * _FOLD) >> 32).to(torch.int32), stable=True)
+        s_keys = keys.gather(0, perm)
+    else:
+        s_keys, perm = torch.sort(keys, stable=True)
+    # row of each sorted draw: floor((perm + 0.5) / N), exact in float64 (margin 0.5 / N)
+    s_rows = (perm + 0.5).mul_(1.0 / n_cand).floor_()
+    new_row = s_rows[1:] != s_rows[:-1]
+    start = torch.empty(m, dtype=torch.bool, device=keys.device)
+    start[:1] = True
+    torch.ne(s_keys[1:], s_keys[:-1], out=start[1:])
+    if folded and bool((start[1:] & ~new_row & (s_fold[1:] == s_fold[:-1])).any()):
+        return _sort_groups(keys, n_cand, fold=False)  # a hash collision within a row
+    start[1:] |= new_row
+    return perm, start
+
+
+@functools.lru_cache(maxsize=32)
+def _log_weight_table(num_candidates: int, n: int, alpha: float, device: torch.device) -> Tensor:
+    """``(N + 1,)`` float64 ``log(W(c) / c)`` for counts ``c = 0..N`` (``-inf`` where ``W = 0``).
+
+    ``W(c) = binom(c, n) ((c - n) / (N - n))^alpha`` is a value's weight; dividing by ``c``
+    spreads it over the value's ``c`` copies, so that choosing a *position* picks the value with
+    probability ``∝ W``. ``W(c) / c`` is non-decreasing in ``c``, so a row's largest entry is at
+    its largest count.
+    """
+    c = torch.arange(num_candidates + 1, device=device, dtype=torch.float64)
+    positive = c > n if alpha > 0 else (c >= n) & (c > 0)  # W(c) > 0
+    d = (c - n).clamp_min(0)
+    log_w = torch.lgamma(c + 1) - math.lgamma(n + 1) - torch.lgamma(d + 1) - torch.log(c)
+    if alpha > 0:
+        log_w = log_w + alpha * (torch.log(d) - math.log(max(num_candidates - n, 1)))
+    return torch.where(positive, log_w, torch.full_like(c, -math.inf))
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_lookup(num_candidates: int, n: int, alpha: float, device: torch.device) -> Tensor:
+    """``((N + 1)**2,)`` float64 table of per-position weights indexed by ``c_max * (N + 1) + c``.
+
+    Entry ``[c_max, c]`` is ``exp(log_w[c] - log_w[c_max])`` (in ``[0, 1]``) for a row whose
+    largest count ``c_max`` has positive weight, and ``1{c = c_max}`` for a fallback row (uniform
+    over its most frequent values). One gather then gives every draw's weight.
+    """
+    log_w = _log_weight_table(num_candidates, n, alpha, device)
+    c = torch.arange(num_candidates + 1, device=device)
+    relative = torch.exp(log_w[None, :] - log_w[:, None]).nan_to_num(0.0)  # (c_max, c)
+    modes = (c[None, :] == c[:, None]).to(torch.float64)
+    return torch.where(log_w[:, None] > -math.inf, relative, modes).view(-1)
+
+
+def _position_weights(counts: Tensor, n: int, alpha: float) -> Tensor:
+    """``(b, N)`` counts of each draw's value -> ``(b, N)`` float64 choice weight of each draw."""
+    b, n_cand = counts.shape
+    c_max = counts.amax(dim=1, keepdim=True)  # (b, 1)
+    if n_cand <= _MAX_LOOKUP_N:  # one gather from an (N+1)^2 table
+        lookup = _weight_lookup(n_cand, n, alpha, counts.device)
+        return lookup.index_select(0, counts.add(c_max, alpha=n_cand + 1).view(-1)).view(b, n_cand)
+    log_w = _log_weight_table(n_cand, n, alpha, counts.device)
+    relative = log_w.index_select(0, counts.view(-1)).view(b, n_cand) - log_w[c_max]
+    fallback = c_max < n + (1 if alpha > 0 else 0)  # (b, 1): no value has positive weight
+    return torch.where(fallback, (counts == c_max).to(torch.float64), relative.exp())
+
+
+def batched_temperature_sample(
+    candidates: Tensor,
+    temperature: float,
+    *,
+    generator: torch.Generator | None = None,
+    return_index: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Approximate temperature sampling by re-weighting ``N`` given draws per row.
+
+    Equal candidates (whole events) are grouped with tensor operations and a value ``x`` seen
+    ``c_x`` times among a row's ``N`` draws is chosen with probability proportional to
+
+    ``W_x = binom(c_x, n) * ((c_x - n) / (N - n))^alpha``,   ``1/T = n + alpha``,
+
+    computed in log space (``lgamma``). For ``T = 1/n`` this is the CALM paper's
+    ``binom(c_x, n)``, and ``binom(c_x, n) / binom(N, n)`` is the unbiased U-statistic of
+    ``P(x)^n``. Since ``binom(c, n+1) / binom(c, n) = (c - n) / (n + 1)``, ``W_x`` is (up to a
+    per-row constant) the geometric interpolation ``U_n^(1-alpha) U_(n+1)^alpha`` of the unbiased
+    estimators ``U_m`` of ``P(x)^m``: the weights move continuously from the paper's ``T = 1/n``
+    weights to its ``T = 1/(n+1)`` weights as ``T`` decreases.
+
+    *Consistency*: as ``N -> oo``, ``c_x / N -> P(x)`` almost surely, so
+    ``W_x / binom(N, n) -> P(x)^(n + alpha) / n!`` for every ``x`` and the normalised weights
+    converge to ``P(x)^(1/T) / Z_T``; the choice probabilities (bounded ratios) converge too.
+
+    *Bias at small N*: a ratio of estimators is biased by ``O(1/N)``; for ``alpha > 0``,
+    ``((c - n)/(N - n))^alpha`` underestimates ``P(x)^alpha`` on average (Jensen: the power is
+    concave), most for rare values, and a value seen exactly ``n`` times gets weight 0. Both move
+    mass to frequent values: a slightly *lower* effective temperature at small ``N``.
+
+    *Fallback*: a row where no value has weight (``max_x c_x < n``, or ``<= n`` when
+    ``alpha > 0``) uses ``n_eff = max_x c_x`` and ``alpha = 0``: it picks uniformly among its most
+    frequent values (the paper falls back to ``n-1, n-2, ...``; this is where that ends).
+    ``T = 1`` returns a uniformly chosen draw, which is exact.
+
+    *Grouping*: each event becomes one int64 key. Events of small non-negative integers (up to
+    ``64 // E`` bits each: token ids below 65536 with 4 tokens per event, below 2**32 with 2) or
+    of narrow dtypes are packed exactly; other events are hashed to 64 bits, and two different
+    events of a row would be merged only if their hashes collide (probability about
+    ``E * 2**-64`` per pair). A single stable sort of all ``batch * N`` keys puts equal events of
+    a row next to each other, counts come from segment ids (cumsum) and ``scatter_add``, and the
+    weights from a table indexed by count. No Python loop over rows and no device
+    synchronisation: the same code runs on CPU and GPU (on CPU, where reading a flag is free, it
+    takes two cheaper paths when a check allows). Floats are compared by value, ``-0.0 == 0.0``.
+
+    Args:
+        candidates: ``(batch, N, *event)`` draws per row (``N >= 1``), integers or otherwise
+            exactly comparable values. Whole events are compared.
+        temperature: ``T`` in ``(0, 1]``.
+        generator: random generator for the final choice (one uniform per row).
+        return_index: also return the chosen index into ``N``.
+
+    Returns:
+        ``(batch, *event)`` the chosen event per row (same dtype and device as ``candidates``);
+        with ``return_index=True`` a tuple ``(events, index)`` where ``index`` is ``(batch,)``
+        long and ``candidates[i, index[i]]`` equals ``events[i]``.
+
+    Raises:
+        TypeError: ``candidates`` not a tensor or complex, ``temperature`` not a real number,
+            ``return_index`` not a bool.
+        ValueError: ``candidates`` with fewer than 2 dimensions or ``N = 0``, temperature
+            outside ``(0, 1]`` or nan.
+
+    Example:
+        >>> import torch
+        >>> from likelihood_free.temperature import batched_temperature_sample
+        >>> cands = torch.tensor([[[1, 2], [1, 2], [1, 2], [7, 7]],    # (1,2) three times
+        ...                       [[4, 4], [4, 4], [5, 5], [5, 5]]])   # two values twice each
+        >>> batched_temperature_sample(cands, 0.5)[0]  # binom(3,2)=3 vs binom(1,2)=0
+        tensor([1, 2])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> many = cands[1:].expand(10000, 4, 2)
+        >>> ev, idx = batched_temperature_sample(many, 0.5, generator=g, return_index=True)
+        >>> round((ev[:, 0] == 4).float().mean().item(), 1)  # binom(2,2) each: 50/50
+        0.5
+        >>> bool((many[torch.arange(10000), idx] == ev).all())
+        True
+    """
+    if not isinstance(candidates, Tensor):
+        raise TypeError(f"candidates must be a tensor, got {type(candidates).__name__}")
+    if candidates.is_complex():
+        raise TypeError(f"candidates must be real or integer, got {candidates.dtype}")
+    if candidates.dim() < 2:
+        raise ValueError(
+            f"candidates must have shape (batch, N, *event), got {tuple(candidates.shape)}"
+        )
+    n, alpha = _split_inverse_temperature(temperature)
+    if not isinstance(return_index, bool):
+        raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
+    b, n_cand = candidates.shape[:2]
+    event_shape = candidates.shape[2:]
+    if n_cand == 0:
+        raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")
+    dev = candidates.device
+    e = math.prod(event_shape)
+    m = b * n_cand
+    flat = candidates.reshape(m, e)  # (b*N, E), row-major: position i*N + j is row i, draw j
+    if m == 0 or e == 0:  # no rows, or empty events (all equal): any draw will do
+        index = torch.zeros(b, dtype=torch.long, device=dev)
+        events = candidates[:, 0]
+        return (events, index) if return_index else events
+
+    # ---- group equal events of a row: one stable sort of all keys, segment ids, counts
+    perm, start = _sort_groups(_event_keys(flat), n_cand)  # (b*N,) each
+    seg = start.cumsum(dim=0) - 1  # (b*N,) int64 group id in sorted order
+    group_count = torch.zeros_like(seg).scatter_add_(0, seg, torch.ones_like(seg))
+    counts = torch.empty_like(seg).scatter_(0, perm, group_count.gather(0, seg))
+    counts = counts.view(b, n_cand)  # (b, N) how often each draw's value occurs in its row
+
+    # ---- per-draw weights W(c)/c relative to the row's largest, then an inverse-CDF choice
+    cdf = _position_weights(counts, n, alpha).cumsum(dim=1)  # (b, N) float64
+    total = cdf[:, -1:]  # (b, 1) > 0: the row's most frequent value has weight
+    u = _uniform((b, 1), dev, generator)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (b,)
+    events = candidates.reshape(b, n_cand, e).gather(1, index[:, None, None].expand(b, 1, e))
+    events = events.reshape(b, *event_shape)
+    return (events, index) if return_index else events
