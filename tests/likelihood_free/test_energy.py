@@ -1,0 +1,426 @@
+"""Tests for likelihood_free.energy: exact values, invariances, naive parity, dtypes, gradients,
+unbiasedness and propriety of the Monte Carlo energy score.
+
+Axis key: n model draws, m target draws, b batch axes, d features, R Monte Carlo replicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from likelihood_free.energy import energy_loss, energy_score
+
+Z = 5.0  # Monte Carlo tolerance in standard errors
+REPLICATES = 4000
+
+# ----------------------------------------------------------------------------- references
+
+
+def _naive_score(samples: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """The estimator written as a double loop over draws, in float64 -> (*batch)."""
+    x, y = samples.double(), targets.double()
+    n, m = x.shape[0], y.shape[0]
+    spread = sum(
+        torch.linalg.vector_norm(x[i] - x[j], dim=-1) ** beta
+        for i in range(n)
+        for j in range(n)
+        if i != j
+    )
+    fit = sum(
+        torch.linalg.vector_norm(x[i] - y[k], dim=-1) ** beta for i in range(n) for k in range(m)
+    )
+    return spread / (n * (n - 1)) - 2.0 * fit / (n * m)
+
+
+def _subgradient_of_sum_loss(samples: torch.Tensor, targets: torch.Tensor, beta: float):
+    """d/d samples of energy_loss(reduction="sum"), coincident pairs contributing 0; float64."""
+    x, y = samples.double(), targets.double()
+    n, m = x.shape[0], y.shape[0]
+
+    def pull(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = a - b  # (*batch, d)
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        w = torch.where(r > 0, beta * r.clamp_min(1e-300) ** (beta - 2.0), 0.0)
+        return w * diff  # gradient of ||a - b||^beta with respect to a
+
+    grad = torch.zeros_like(x)
+    for i in range(n):
+        spread = sum(pull(x[i], x[j]) for j in range(n) if j != i)
+        fit = sum(pull(x[i], y[k]) for k in range(m))
+        # loss = -(1/(n(n-1)) sum_{i!=j} + 2/(nm) sum_{i,k}); each unordered pair appears twice
+        grad[i] = -2.0 * spread / (n * (n - 1)) + 2.0 * fit / (n * m)
+    return grad
+
+
+def _mean_abs_normal(mu: float, s: float) -> float:
+    """E|Z| for Z ~ N(mu, s^2)."""
+    phi = 0.5 * (1.0 + math.erf(-mu / s / math.sqrt(2.0)))  # Phi(-mu/s)
+    return s * math.sqrt(2.0 / math.pi) * math.exp(-(mu**2) / (2 * s**2)) + mu * (1 - 2 * phi)
+
+
+def _exact_gaussian_score(mu1: float, s1: float, mu2: float, s2: float) -> float:
+    """E|X - X'| - 2 E|X - Y| for X, X' ~ N(mu1, s1^2), Y ~ N(mu2, s2^2), beta = 1."""
+    return _mean_abs_normal(0.0, math.sqrt(2.0) * s1) - 2.0 * _mean_abs_normal(
+        mu1 - mu2, math.hypot(s1, s2)
+    )
+
+
+def _gaussian_draws(mu1, s1, mu2, s2, n, m, seed, replicates=REPLICATES):
+    g = torch.Generator().manual_seed(seed)
+    samples = mu1 + s1 * torch.randn(n, replicates, 1, generator=g)  # (n, R, 1)
+    targets = mu2 + s2 * torch.randn(m, replicates, 1, generator=g)  # (m, R, 1)
+    return samples, targets
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    v = values.double()
+    return v.mean().item(), (v.std() / math.sqrt(v.numel())).item()
+
+
+# ----------------------------------------------------------------------------- exact values
+
+
+def test_exact_value_one_dimension() -> None:
+    samples = torch.tensor([[0.0], [2.0]])
+    targets = torch.tensor([[3.0]])
+    # |0-2| - 2 * (|0-3| + |2-3|) / 2 = 2 - 4
+    assert energy_score(samples, targets).item() == pytest.approx(-2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("beta", "expected"),
+    [
+        (1.0, 5.0 - (10.0 + 5.0)),  # ||x1-x2|| = 5, ||x1-y|| = 10, ||x2-y|| = 5
+        (0.5, 5.0**0.5 - (10.0**0.5 + 5.0**0.5)),
+        (1.5, 5.0**1.5 - (10.0**1.5 + 5.0**1.5)),
+    ],
+)
+def test_exact_value_two_dimensions(beta: float, expected: float) -> None:
+    samples = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    targets = torch.tensor([[6.0, 8.0]])
+    assert energy_score(samples, targets, beta=beta).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_exact_value_three_draws_two_targets() -> None:
+    samples = torch.tensor([[0.0], [1.0], [3.0]])
+    targets = torch.tensor([[1.0], [5.0]])
+    # sum_{i != j} |xi - xj| = 2 * (1 + 3 + 2) = 12 -> 12 / 6 = 2
+    # sum_{i,k} |xi - yk| = (1 + 5) + (0 + 4) + (2 + 2) = 14 -> 14 / 6
+    expected = 2.0 - 2.0 * 14.0 / 6.0
+    assert energy_score(samples, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_batched_values_match_per_element_calls() -> None:
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(4, 3, 2, 5, generator=g)
+    targets = torch.randn(6, 3, 2, 5, generator=g)
+    batched = energy_score(samples, targets, beta=1.5)
+    assert batched.shape == (3, 2)
+    for a, b in itertools.product(range(3), range(2)):
+        single = energy_score(samples[:, a, b], targets[:, a, b], beta=1.5)
+        torch.testing.assert_close(batched[a, b], single, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- naive parity
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "batch", "d"),
+    [(2, 1, (), 3), (5, 4, (), 1), (4, 3, (3,), 1), (3, 7, (2, 3), 4), (6, 2, (2, 1, 2), 7)],
+)
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
+def test_matches_naive_double_loop(n, m, batch, d, beta) -> None:
+    g = torch.Generator().manual_seed(hash((n, m, batch, d)) % 2**31)
+    samples = torch.randn(n, *batch, d, generator=g, dtype=torch.float64)
+    targets = 0.5 + 2.0 * torch.randn(m, *batch, d, generator=g, dtype=torch.float64)
+    expected = _naive_score(samples, targets, beta)
+    got = energy_score(samples, targets, beta=beta)
+    assert got.shape == batch and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    got32 = energy_score(samples.float(), targets.float(), beta=beta)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs() -> None:
+    g = torch.Generator().manual_seed(1)
+    samples = torch.randn(3, 5, 4, 6, generator=g).transpose(1, 2)  # (n=3, 4, 5, d=6)
+    targets = torch.randn(2, 4, 5, 12, generator=g)[..., ::2]  # strided feature axis
+    torch.testing.assert_close(
+        energy_score(samples, targets).double(),
+        _naive_score(samples, targets, 1.0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_empty_batch() -> None:
+    assert energy_score(torch.randn(3, 0, 4), torch.randn(2, 0, 4)).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- invariances
+
+
+def test_permuting_draws_changes_nothing() -> None:
+    g = torch.Generator().manual_seed(2)
+    samples = torch.randn(7, 5, 9, generator=g)
+    targets = torch.randn(11, 5, 9, generator=g)
+    base = energy_score(samples, targets, beta=0.5)
+    shuffled = energy_score(
+        samples[torch.randperm(7, generator=g)], targets[torch.randperm(11, generator=g)], beta=0.5
+    )
+    torch.testing.assert_close(shuffled, base, rtol=1e-5, atol=1e-6)
+
+
+def test_translation_and_rotation_change_nothing() -> None:
+    g = torch.Generator().manual_seed(3)
+    samples = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    targets = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    base = energy_score(samples, targets)
+    shift = 25.0 * torch.randn(4, 6, generator=g, dtype=torch.float64)  # one shift per element
+    torch.testing.assert_close(energy_score(samples + shift, targets + shift), base)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(energy_score(samples @ rotation, targets @ rotation), base)
+
+
+def test_float32_accurate_far_from_origin() -> None:
+    """|a|^2 + |b|^2 - 2 a.b cancels catastrophically at 1e3 from the origin unless centred."""
+    g = torch.Generator().manual_seed(4)
+    n, m, b, d = 8, 100, 16, 128
+    offset = 1e3 * torch.randn(b, d, generator=g)
+    samples = offset + torch.randn(n, b, d, generator=g)  # float32
+    targets = offset + 0.5 + torch.randn(m, b, d, generator=g)
+    got = energy_score(samples, targets)
+    expected = _naive_score(samples, targets, 1.0)  # float64 on the same float32 values
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=0.0)
+
+
+def test_float32_accurate_for_clustered_draws() -> None:
+    """Model draws 1e-3 apart next to targets far away: the spread term must stay accurate."""
+    g = torch.Generator().manual_seed(5)
+    samples = 10.0 + 1e-3 * torch.randn(8, 32, 16, generator=g)
+    targets = torch.randn(20, 32, 16, generator=g)
+    got = energy_score(samples, targets)
+    expected = _naive_score(samples, targets, 1.0)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=0.0)
+    # Targets inside the cluster: every distance is ~1e-3 while the points sit 10 from the origin.
+    torch.testing.assert_close(
+        energy_score(samples, samples[:2]).double(),
+        _naive_score(samples, samples[:2], 1.0),
+        rtol=1e-5,
+        atol=0.0,
+    )
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_compute_in_float32(low: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    samples = torch.randn(8, 6, 32, generator=g)
+    targets = 0.3 + torch.randn(10, 6, 32, generator=g)
+    got = energy_score(samples.to(low), targets.to(low))
+    assert got.dtype == torch.float32
+    # Identical to float32 arithmetic on the rounded inputs ...
+    exact_on_rounded = energy_score(samples.to(low).float(), targets.to(low).float())
+    torch.testing.assert_close(got, exact_on_rounded, rtol=1e-6, atol=1e-6)
+    # ... and close to float32 arithmetic on the unrounded ones (input rounding only).
+    torch.testing.assert_close(got, energy_score(samples, targets), rtol=2e-2, atol=2e-2)
+    # The loss back-propagates to the inputs in their own dtype.
+    leaf = samples.to(low).requires_grad_()
+    energy_loss(leaf, targets.to(low)).backward()
+    assert leaf.grad.dtype == low and torch.isfinite(leaf.grad.float()).all()
+
+
+def test_float64_wins_mixed_dtypes() -> None:
+    samples = torch.randn(3, 2, 4)
+    targets = torch.randn(2, 2, 4, dtype=torch.float64)
+    assert energy_score(samples, targets).dtype == torch.float64
+    assert energy_score(samples.double(), targets.float()).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_gradcheck_float64(beta: float, batch: tuple) -> None:
+    g = torch.Generator().manual_seed(7)
+    samples = torch.randn(3, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(2, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, t: energy_loss(s, t, beta=beta, reduction="none"), (samples, targets)
+    )
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["two_samples", "all_samples", "sample_and_target"])
+def test_coincident_points_give_the_zero_subgradient(beta, dtype, case) -> None:
+    g = torch.Generator().manual_seed(8)
+    samples = 3.0 + torch.randn(4, 8, 16, generator=g, dtype=dtype)
+    targets = 3.0 + torch.randn(3, 8, 16, generator=g, dtype=dtype)
+    if case == "two_samples":
+        samples[2] = samples[0]
+    elif case == "all_samples":  # e.g. a freshly zero-initialised generative head
+        samples[:] = samples[0]
+    else:  # several pairs, so that some rounding residuals of the matmul formula are > 0
+        targets[:] = samples[1:]
+    leaf = samples.clone().requires_grad_()
+    loss = energy_loss(leaf, targets, beta=beta, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(
+        loss.double(), -_naive_score(samples, targets, beta).sum(), rtol=1e-6, atol=0.0
+    )
+    expected = _subgradient_of_sum_loss(samples, targets, beta)
+    tol = (1e-12 if dtype == torch.float64 else 1e-5) * expected.abs().max().item()
+    torch.testing.assert_close(leaf.grad.double(), expected, rtol=0.0, atol=tol)
+
+
+def test_loss_reductions() -> None:
+    g = torch.Generator().manual_seed(9)
+    samples = torch.randn(4, 2, 3, 5, generator=g)
+    targets = torch.randn(6, 2, 3, 5, generator=g)
+    score = energy_score(samples, targets, beta=0.7)
+    none = energy_loss(samples, targets, beta=0.7, reduction="none")
+    torch.testing.assert_close(none, -score)
+    torch.testing.assert_close(energy_loss(samples, targets, beta=0.7), -score.mean())
+    torch.testing.assert_close(
+        energy_loss(samples, targets, beta=0.7, reduction="sum"), -score.sum()
+    )
+    assert energy_loss(samples[:, 0, 0], targets[:, 0, 0]).shape == ()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@given(
+    mu1=st.floats(-2.0, 2.0),
+    s1=st.floats(0.3, 3.0),
+    mu2=st.floats(-2.0, 2.0),
+    s2=st.floats(0.3, 3.0),
+    n=st.integers(2, 6),
+    m=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_unbiased_for_gaussians(mu1, s1, mu2, s2, n, m, seed) -> None:
+    """Mean over R independent replicates (the batch axis) matches the closed form."""
+    samples, targets = _gaussian_draws(mu1, s1, mu2, s2, n, m, seed)
+    mean, se = _mean_se(energy_score(samples, targets))
+    exact = _exact_gaussian_score(mu1, s1, mu2, s2)
+    assert abs(mean - exact) <= Z * se, (mean, exact, se)
+
+
+@pytest.mark.parametrize(
+    ("mu1", "s1", "mu2", "s2", "m"),
+    [
+        (0.0, 1.0, 0.0, 1.0, 1),
+        (1.0, 1.0, -1.0, 0.5, 3),
+        (0.0, 2.0, 1.0, 1.0, 1),
+        (0.5, 1.0, 0.0, 2.0, 4),
+    ],
+)
+def test_tolerance_detects_the_n_squared_bias(mu1, s1, mu2, s2, m) -> None:
+    """Dividing the spread term by n^2 instead of n(n-1) (n = 2) must fail the check above."""
+    samples, targets = _gaussian_draws(mu1, s1, mu2, s2, 2, m, seed=1234)
+    exact = _exact_gaussian_score(mu1, s1, mu2, s2)
+    scores = energy_score(samples, targets)  # (R,)
+    mean, se = _mean_se(scores)
+    assert abs(mean - exact) <= Z * se
+    # With n = 2 the biased spread term is |x1 - x2| / 2 instead of |x1 - x2|.
+    biased = scores - 0.5 * (samples[0] - samples[1]).abs().squeeze(-1)
+    biased_mean, biased_se = _mean_se(biased)
+    assert abs(biased_mean - exact) > Z * biased_se, (biased_mean, exact, biased_se)
+
+
+def test_expected_score_is_maximised_at_the_target_distribution() -> None:
+    """Strict propriety, by Monte Carlo with common random numbers: N(0, 1) beats the rest."""
+    replicates, n, m = 20_000, 4, 2
+    g = torch.Generator().manual_seed(10)
+    noise = torch.randn(n, replicates, 1, generator=g)  # shared by all candidate models
+    targets = torch.randn(m, replicates, 1, generator=g)  # Y ~ N(0, 1)
+    candidates = [(0.0, 1.0), (0.5, 1.0), (-0.5, 1.0), (0.0, 0.5), (0.0, 2.0)]
+    scores = {c: energy_score(c[0] + c[1] * noise, targets) for c in candidates}
+    for (mu, s), score in scores.items():  # each MC mean matches its closed form
+        mean, se = _mean_se(score)
+        assert abs(mean - _exact_gaussian_score(mu, s, 0.0, 1.0)) <= Z * se
+    truth = scores[(0.0, 1.0)]
+    for c in candidates[1:]:
+        advantage, se = _mean_se(truth - scores[c])
+        assert advantage > Z * se, (c, advantage, se)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _ok(n=3, m=2, batch=(4,), d=5, dtype=torch.float32):
+    return torch.randn(n, *batch, d, dtype=dtype), torch.randn(m, *batch, d, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: ([[0.0, 1.0]], _ok()[1]), TypeError, "samples must be a torch.Tensor"),
+        (lambda: (_ok()[0], None), TypeError, "targets must be a torch.Tensor"),
+        (lambda: (_ok()[0].long(), _ok()[1]), TypeError, "samples must have a floating-point"),
+        (lambda: (_ok()[0], _ok()[1].int()), TypeError, "targets must have a floating-point"),
+        (lambda: (torch.randn(3), _ok()[1]), ValueError, r"samples must have shape \(n, \*batch"),
+        (lambda: _ok(n=1), ValueError, "samples must hold n >= 2"),
+        (lambda: _ok(d=0), ValueError, "non-empty feature axis"),
+        (lambda: _ok(m=0), ValueError, "targets must hold m >= 1"),
+        (
+            lambda: (_ok()[0], torch.randn(2, 3, 5)),
+            ValueError,
+            r"targets must have shape \(m, 4, 5\).*got shape \(2, 3, 5\)",
+        ),
+        (
+            lambda: (_ok()[0], torch.randn(2, 4, 6)),
+            ValueError,
+            r"targets must have shape \(m, 4, 5\)",
+        ),
+        (lambda: (_ok()[0], torch.randn(2, 5)), ValueError, r"targets must have shape"),
+        (lambda: (_ok()[0], torch.randn(4, 5)), ValueError, r"targets\.unsqueeze\(0\)"),
+        (
+            lambda: (_ok()[0], torch.randn(2, 4, 5, device="meta")),
+            ValueError,
+            "same device",
+        ),
+    ],
+)
+@pytest.mark.parametrize("fn", [energy_score, energy_loss])
+def test_invalid_inputs_raise(fn, make, error, match) -> None:
+    samples, targets = make()
+    with pytest.raises(error, match=match):
+        fn(samples, targets)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0, -0.5, 2.5, 3])
+def test_beta_outside_open_interval_raises(beta) -> None:
+    with pytest.raises(ValueError, match=r"beta must lie in the open interval \(0, 2\).*proper"):
+        energy_score(*_ok(), beta=beta)
+
+
+@pytest.mark.parametrize("beta", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_beta_raises(beta) -> None:
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        energy_loss(*_ok(), beta=beta)
+
+
+@pytest.mark.parametrize("beta", ["1.0", True, None, torch.tensor(1.0)])
+def test_non_number_beta_raises(beta) -> None:
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        energy_score(*_ok(), beta=beta)
+
+
+@pytest.mark.parametrize("reduction", ["avg", "", None, "MEAN"])
+def test_unknown_reduction_raises_listing_valid_ones(reduction) -> None:
+    with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
+        energy_loss(*_ok(), reduction=reduction)
