@@ -335,7 +335,7 @@ class Autoencoder(nn.Module):
 
     @property
     def output_weight(self) -> nn.Parameter:
-        """The ``(V, H)`` output-layer weight: the token embedding's weight itself (tied)."""
+        """The ``(V, H)`` output-layer weight, which is the token embedding's weight (tied)."""
         return self.embedding.weight
 
     def reset_parameters(self) -> None:

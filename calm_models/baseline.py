@@ -71,7 +71,10 @@ class TokenLMConfig:
 
 
 class BrierTerms(NamedTuple):
-    r"""The two terms of the Rao-Blackwellised Brier-n estimate at each evaluated position.
+    r"""The two terms of the Brier-n estimate at each evaluated position.
+
+    The collision term is Rao-Blackwellised (the exact probability of one sampled continuation
+    replaces the indicator ``1{x1 = x2}``); the accuracy term is exact.
 
     For the observed continuation ``y`` and one continuation ``x`` sampled from the model,
 

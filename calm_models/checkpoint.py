@@ -88,7 +88,9 @@ __all__ = [
     "unwrap_model",
 ]
 
+#: Version of the checkpoint layout written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
+#: Sub-directory of a run directory that holds its checkpoints.
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"

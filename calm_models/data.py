@@ -181,7 +181,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """Guesses the reader format of a file from its name and, for raw WikiText, its first line.
 
     ``.jsonl``/``.ndjson`` -> ``"jsonl"``; ``.raw`` -> ``"wikitext"``; ``.py`` -> ``"python"``;
-    any other file whose first non-blank line is a top-level WikiText heading (`` = Title = ``,
+    any other file whose first non-blank line is a top-level WikiText heading (``" = Title = "``,
     as in ``wiki.valid.tokens``) -> ``"wikitext"``; everything else -> ``"text"``.
 
     Args:
@@ -334,9 +334,9 @@ def read_documents(
       and the block's final line break are not part of it).
     - ``"jsonl"``: one JSON object per line, its ``text_field`` (a string) is one document; blank
       lines are skipped. This is the format of the CALM reference data.
-    - ``"wikitext"``: raw WikiText; every top-level heading line `` = Title = `` (exactly one
+    - ``"wikitext"``: raw WikiText; every top-level heading line ``" = Title = "`` (exactly one
       ``=`` each side) starts a document that runs to the next one, heading and subsections
-      (`` = = Sub = = ``) included, text kept exactly. Non-blank text before the first heading is
+      (``" = = Sub = = "``) included, text kept exactly. Non-blank text before the first heading is
       a document of its own.
     - ``"python"``: the whole file is one document, decoded as UTF-8 with invalid bytes replaced
       by U+FFFD.
@@ -661,7 +661,7 @@ class TextTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the tokenizer's JSON: identifies it in cache keys."""
+        """The SHA-256 of the tokenizer's JSON, which identifies it in cache keys."""
         return self._fingerprint
 
     def encode(self, text: str) -> list[int]:

@@ -323,7 +323,7 @@ class CALM(nn.Module):
         max_order: int = 4,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unbiased per-position Brier-1..``max_order`` estimates on token blocks.
+        """Unbiased per-position Brier-1 .. Brier-``max_order`` estimates on token blocks.
 
         Two independent continuations ``x1, x2`` per chunk boundary
         (:meth:`sample_continuations`) are scored against the observed tokens with

@@ -75,6 +75,8 @@ __all__ = [
     "run_pipeline",
     "load_trained_model",
     "LoadedModel",
+    "build_model",
+    "train_flops_per_token",
     "ModelLoadError",
     "main",
 ]
@@ -288,7 +290,7 @@ def _m(stage: str) -> TrainConfig:
     return cfg
 
 
-#: Named presets: functions ``stage -> TrainConfig``.
+#: The named presets, each a function from a stage name to a :class:`TrainConfig`.
 PRESETS = {"tiny": _tiny, "small": _small, "m": _m}
 
 
@@ -524,8 +526,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     loader = BlockLoader(train_blocks, run.batch_size * run.grad_accum, seed=run.seed,
                          rank=info.rank, world_size=info.world_size)
 
-    # -- model and optimiser ------------------------------------------------------------------
+    # -- model, wrapped for data parallelism, then its optimiser --------------------------------
     model = build_model(cfg, tokenizer.vocab_size, autoencoder).to(info.device)
+    # FSDP replaces parameters when it shards them, so the optimiser is built after wrapping
+    objective = wrap_model(_Objective(model), info, run.strategy if info.world_size > 1 else "none")
     trainable = model.trainable_parameters() if isinstance(model, CALM) else list(model.parameters())
     optimizer = build_optimizer(_TrainableView(model, trainable), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, run.steps)
@@ -539,6 +543,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         state = ckpt.load_checkpoint(
             latest, model=model, optimizer=optimizer, scheduler=scheduler,
             config=config_to_dict(cfg), fields=cfg.model_sections(), map_location=info.device,
+            restore_rng=False,
         )
         step, tokens_seen, elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
         loader.load_state_dict(state["loader"])
@@ -547,11 +552,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    objective = wrap_model(_Objective(model), info, run.strategy if info.world_size > 1 else "none")
     if run.compile:
         objective = torch.compile(objective)
     autocast = autocast_context(info.device, run.precision)
-    logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard)
+    logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard,
+                           resume_step=step if latest is not None else None)
     flops_per_token = train_flops_per_token(model, cfg.data.block_len)
     tokens_per_step = run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len
 

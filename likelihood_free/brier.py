@@ -205,9 +205,10 @@ def brier_estimate(x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
 def brier_lm(briers: Tensor) -> Tensor:
     """BrierLM: 100 times the geometric mean of Brier-1 .. Brier-n.
 
-    ``BrierLM = 100 * max(prod_j b_j, 0) ** (1/n)`` over the last axis; as in CALM, a
-    nonpositive product gives 0 (the geometric mean of scores that can be negative is otherwise
-    undefined). The paper's BrierLM uses ``n = 4``.
+    ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis. Brier scores can be
+    negative (a confident wrong model), where the geometric mean is undefined; as in CALM the
+    result is then 0. Each factor is clamped, not just the product, so that an even number of
+    negative scores cannot multiply into a positive BrierLM. The paper's BrierLM uses ``n = 4``.
 
     Args:
         briers: Brier scores, shape ``(..., n)`` with ``n >= 1``, floating dtype (computed in at
@@ -223,8 +224,10 @@ def brier_lm(briers: Tensor) -> Tensor:
     Example:
         >>> import torch
         >>> briers = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.8, 0.4, 0.2, 0.1], [0.5, -0.1, 0.3, 0.2]])
-        >>> brier_lm(briers)  # 100 * 0.0064 ** 0.25 = 28.28; a negative product gives 0
+        >>> brier_lm(briers)  # 100 * 0.0064 ** 0.25 = 28.28; a negative score gives 0
         tensor([50.0000, 28.2843,  0.0000])
+        >>> brier_lm(torch.tensor([-0.5, -0.5, 0.5, 0.5]))  # not 50: two negatives stay 0
+        tensor(0.)
     """
     _require_tensor(briers, "briers")
     if not briers.is_floating_point():
@@ -233,7 +236,7 @@ def brier_lm(briers: Tensor) -> Tensor:
         raise ValueError(f"briers must have shape (..., n) with n >= 1, got {tuple(briers.shape)}")
     n = briers.shape[-1]
     b = briers.to(torch.promote_types(briers.dtype, torch.float32))  # (..., n)
-    prod = b.prod(dim=-1).clamp(min=0.0)  # (...)
+    prod = b.clamp(min=0.0).prod(dim=-1)  # (...)
     return (100.0 * prod.pow(1.0 / n)).to(briers.dtype)
 
 
@@ -247,7 +250,7 @@ class BrierLMResult:
             NaN when ``count < 2``.
         brier_lm: ``brier_lm(brier)``, in ``[0, 100]``; NaN when ``count == 0``.
         brier_lm_se: Delta-method standard error of ``brier_lm``; NaN when ``count < 2`` or
-            when the product of the Brier scores is nonpositive (BrierLM clamped to 0).
+            when a Brier score is nonpositive (BrierLM clamped to 0).
         count: Number of positions aggregated.
     """
 
@@ -291,7 +294,7 @@ class BrierLM:
     * BrierLM ``L = 100 (prod_j b_j)^(1/n)`` has gradient ``g_j = L / (n b_j)`` and the
       delta-method standard error ``SE(L) = sqrt(g^T Sigma g / N)``, which uses the full
       covariance between orders (the Brier-j estimates of one position are strongly correlated).
-      When ``prod_j b_j <= 0`` BrierLM is clamped to 0 and its SE is reported as NaN.
+      When any ``b_j <= 0`` BrierLM is clamped to 0 and its SE is reported as NaN.
 
     These SEs assume iid positions. Positions of one text are not independent (consecutive
     n-grams overlap and share context), so for text they are approximations that usually
@@ -439,8 +442,8 @@ class BrierLM:
         if count == 0:
             return BrierLMResult((nan,) * n, (nan,) * n, nan, nan, 0)
         mean = total / count  # (n,)
-        prod = float(np.prod(mean))
-        lm = 100.0 * max(prod, 0.0) ** (1.0 / n) if math.isfinite(prod) else nan
+        prod = float(np.prod(np.clip(mean, 0.0, None)))  # any nonpositive Brier-j gives 0
+        lm = 100.0 * prod ** (1.0 / n) if math.isfinite(prod) else nan
         if count >= 2:
             cov = (outer - count * np.outer(mean, mean)) / (count - 1.0)  # (n, n)
             cov = 0.5 * (cov + cov.T)

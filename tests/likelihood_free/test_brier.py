@@ -325,12 +325,12 @@ def test_brier_lm_exact_values_and_clamping():
             [1.0, 1.0, 1.0, 1.0],
             [0.5, -0.1, 0.3, 0.2],  # negative product -> 0
             [0.5, 0.0, 0.3, 0.2],  # zero product -> 0
-            [0.5, -0.5, -0.5, 0.5],  # two negatives: product positive, kept as documented
+            [0.5, -0.5, -0.5, 0.5],  # two negatives: still 0 (each factor is clamped)
         ],
         dtype=torch.float64,
     )
     expected = torch.tensor(
-        [50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 100 * 0.0625**0.25], dtype=torch.float64
+        [50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 0.0], dtype=torch.float64
     )
     out = brier_lm(briers)
     assert out.dtype == torch.float64 and out.shape == (6,)
