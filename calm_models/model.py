@@ -22,7 +22,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from calm_models._layers import RMSNorm, SwiGLU
 from calm_models.autoencoder import Autoencoder
@@ -441,11 +443,12 @@ class CALM(nn.Module):
         width = num_chunks * k
         if pad_id is None:
             pad_id = 0 if eos_id is None else eos_id
-        padded = torch.full((b, width), pad_id, dtype=torch.long, device=device)
-        real = torch.zeros(b, width, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):  # prompt assembly only, once per call
-            padded[i, width - r.numel() :] = r.to(device)
-            real[i, width - r.numel() :] = True
+        rows = [r.to(device=device, dtype=torch.long) for r in rows]
+        extra = width - max(r.numel() for r in rows)  # left pad up to whole chunks
+        padded = F.pad(pad_sequence(rows, batch_first=True, padding_value=pad_id,
+                                    padding_side="left"), (extra, 0), value=pad_id)  # (b, C0*K)
+        real = F.pad(pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in rows],
+                                  batch_first=True, padding_side="left"), (extra, 0))  # (b, C0*K)
         # a chunk is real when it holds any prompt token (partial first chunks keep their pads)
         key_valid = real.view(b, num_chunks, k).any(-1)  # (b, C0)
         first = (~key_valid).sum(-1)  # (b,) index of the first real chunk

@@ -252,11 +252,12 @@ def _tiny(stage: str) -> TrainConfig:
     cfg.calm = CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2),
                           num_targets=100)
     cfg.baseline = backbone
-    cfg.optim = OptimConfig(lr=5e-3 if stage == "autoencoder" else 5e-4, weight_decay=0.1)
-    cfg.schedule = ScheduleConfig(kind="cosine", warmup_steps=50)
-    cfg.run = RunConfig(out_dir=f"runs/tiny-{stage}", steps=400 if stage == "autoencoder" else 300,
+    cfg.optim = OptimConfig(lr=5e-3 if stage == "autoencoder" else 1e-3, weight_decay=0.1)
+    cfg.schedule = ScheduleConfig(kind="cosine", warmup_steps=50 if stage == "autoencoder" else 100)
+    cfg.run = RunConfig(out_dir=f"runs/tiny-{stage}", steps=400 if stage == "autoencoder" else 1000,
                         batch_size=32 if stage == "autoencoder" else 16,
-                        eval_every=100, eval_batches=4, save_every=100, log_every=10)
+                        eval_every=100 if stage == "autoencoder" else 250, eval_batches=4,
+                        save_every=250, log_every=10)
     return cfg
 
 
