@@ -70,15 +70,19 @@ def _run(benchmark, fn, rounds: int = 3):
 EVAL_BATCH, EVAL_LEN = 4, 128
 
 
+@pytest.mark.parametrize("batch", [1, EVAL_BATCH])
 @pytest.mark.parametrize("method", ["batched", "loop"])
-def test_baseline_brier_eval(benchmark, method):
+def test_baseline_brier_eval(benchmark, method, batch):
+    """Every position of ``batch`` blocks of 128 tokens: vectorised rollouts against the loop."""
     model = _baseline()
-    tokens = torch.randint(VOCAB, (EVAL_BATCH, EVAL_LEN), device=DEVICE)
+    tokens = torch.randint(VOCAB, (batch, EVAL_LEN), device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
+    benchmark.group = f"baseline BrierLM evaluation, {batch} x {EVAL_LEN} tokens"
     _run(benchmark, lambda: model.brier_estimates(tokens, generator=gen, method=method),
          rounds=3 if method == "batched" else 1)
-    positions = EVAL_BATCH * (EVAL_LEN - 4)
-    benchmark.extra_info.update(method=method, positions_per_s=positions / benchmark.stats.stats.median)
+    positions = batch * (EVAL_LEN - 4)
+    benchmark.extra_info.update(method=method, batch=batch,
+                                positions_per_s=positions / benchmark.stats.stats.median)
 
 
 def test_calm_brier_eval(benchmark):
@@ -124,6 +128,28 @@ def test_generation_throughput_t1(benchmark, model_kind, batch):
         model=model_kind, batch=batch,
         tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median,
     )
+
+
+WIDE = BackboneConfig(hidden_size=512, num_layers=8, num_heads=8, max_seq_len=1024)
+
+
+@pytest.mark.parametrize("model_kind", ["baseline", "calm-k4"])
+def test_generation_throughput_t1_wider_backbone(benchmark, model_kind):
+    """Batch 1 with a 512 x 8 backbone: less of a step is Python overhead than at 256 x 4."""
+    torch.manual_seed(0)
+    if model_kind == "baseline":
+        model = TokenLM(TokenLMConfig(VOCAB, WIDE)).to(DEVICE).eval()
+    else:
+        ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, chunk_size=4, latent_size=128,
+                                           hidden_size=256, intermediate_size=640))
+        cfg = CALMConfig(backbone=WIDE, head=HeadConfig(hidden_size=512, num_blocks=2))
+        model = CALM(cfg, ae).to(DEVICE).eval()
+    prompts = torch.randint(VOCAB, (1, PROMPT_LEN), device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    benchmark.group = "generation at batch 1, T = 1, backbone 512 x 8"
+    _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=1.0, generator=gen))
+    benchmark.extra_info.update(model=model_kind, batch=1, backbone="512x8",
+                                tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median)
 
 
 @pytest.mark.parametrize("sampler", ["batch", "exact"])

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-_SKIP = {"load_average_1min"}
+_SKIP = {"load_average_1min", "cpu_s_median", "memory_cap_mib"}
 
 
 def _fmt_time(seconds: float) -> str:
@@ -46,7 +46,7 @@ def render(paths: list[Path]) -> str:
         lines.append("|---|---|---|")
         for bench in data.get("benchmarks", []):
             extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in bench.get("extra_info", {}).items()
-                              if k not in _SKIP)
+                              if k not in _SKIP and not isinstance(v, dict))  # nested: raw data
             lines.append(f"| `{bench['name']}` | {_fmt_time(bench['stats']['median'])} | {extra} |")
         lines.append("")
     return "\n".join(lines)

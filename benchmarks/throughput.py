@@ -53,7 +53,7 @@ def measure(run: str, batches: list[int], new_tokens: int, device: str = "auto")
             kwargs = {"temperature": temperature, "generator": gen}
             if isinstance(model, CALM):
                 kwargs.update(sampler=sampler, num_candidates=200, max_rounds=200)
-            seconds = _time(lambda kw=kwargs: model.generate(prompts, new_tokens, **kw))
+            seconds = _time(lambda kw=kwargs, p=prompts: model.generate(p, new_tokens, **kw))
             row = {"run": run, "kind": loaded.kind, "batch": batch, "temperature": temperature,
                    "sampler": sampler, "tokens_per_s": batch * new_tokens / seconds}
             if isinstance(model, CALM) and sampler == "batch":

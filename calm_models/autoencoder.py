@@ -73,6 +73,12 @@ class AutoencoderConfig:
         mask_prob: Probability that an input token's embedding is replaced by zero during
             training (paper: 0.15).
         latent_dropout: Dropout probability on the sampled latent during training (paper: 0.15).
+        random_token_prob: Probability that a training token is replaced, in the input *and* the
+            target, by a uniformly random id (paper: 0, not used). Every id of the vocabulary
+            is then trained, including ids the corpus never contains (a byte-level BPE keeps all
+            256 byte tokens, e.g. ``@`` for English prose), so the codec stays near-lossless on
+            text from other domains: with 0.02 the ``small`` autoencoder trained on
+            public-domain books reconstructs WikiText, whose ``@-@`` tokens it never saw.
         init_std: Standard deviation of the normal init of every linear layer and of the token
             embedding (which is also the output layer). The default 0.05 was the best of
             0.006 / 0.02 / 0.05 / 0.1 for a 3.6M-param AE (``H=256``, ``V=4096``) trained on
@@ -99,6 +105,7 @@ class AutoencoderConfig:
     kl_clamp: float = 0.5
     mask_prob: float = 0.15
     latent_dropout: float = 0.15
+    random_token_prob: float = 0.0
     init_std: float = 0.05
     norm_eps: float = 1e-6
 
@@ -145,6 +152,7 @@ class AutoencoderConfig:
             "kl_clamp": (self.kl_clamp, "[0, inf)"),
             "mask_prob": (self.mask_prob, "[0, 1)"),
             "latent_dropout": (self.latent_dropout, "[0, 1)"),
+            "random_token_prob": (self.random_token_prob, "[0, 1)"),
             "init_std": (self.init_std, "(0, inf)"),
             "norm_eps": (self.norm_eps, "(0, inf)"),
         }
@@ -438,6 +446,11 @@ class Autoencoder(nn.Module):
     def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
         """Most likely token ids of the chunks encoded by ``z`` (argmax of :meth:`decode`).
 
+        Many latents at once (e.g. the ``N = 200`` candidates per row of the batch temperature
+        sampler) are decoded in slices of at most ``2**22`` logits, so the ``(*, K, V)`` logits
+        never exceed 16 MiB in fp32 and stay in cache (about 1.5x faster on a CPU than one
+        slice for 6400 chunks).
+
         Args:
             z: Latents ``(*b, C, l)``.
 
@@ -447,7 +460,13 @@ class Autoencoder(nn.Module):
         Raises:
             TypeError, ValueError: As :meth:`decode`.
         """
-        return self.decode(z).argmax(dim=-1)
+        if not isinstance(z, torch.Tensor) or z.ndim < 2 or z.numel() == 0:
+            return self.decode(z).argmax(dim=-1)  # errors as decode; empty input stays empty
+        *batch, chunks, latent = z.shape
+        flat = z.reshape(-1, 1, latent)  # (N*C, 1, l): one chunk per row
+        per_slice = max(1, (1 << 22) // (self.chunk_size * self.vocab_size))
+        ids = torch.cat([self.decode(part).argmax(dim=-1) for part in flat.split(per_slice)])
+        return ids.reshape(*batch, chunks * self.chunk_size)
 
     def sample_posterior(
         self,
@@ -526,6 +545,9 @@ class Autoencoder(nn.Module):
 
         In training mode (``self.training``), with draws from ``generator`` in this order:
 
+        0. only if ``random_token_prob > 0``: each token is replaced, in the input and in the
+           target, by a uniformly random id with that probability (``torch.rand(N, L)``, then
+           ``torch.randint(V, (N, L))``);
         1. token masking: each token's embedding is zeroed with probability ``mask_prob``
            (``torch.rand(N, L) < mask_prob``);
         2. reparameterised sample ``z = mean + exp(log_std) * eps``, ``eps = torch.randn(N, C, l)``;
@@ -567,6 +589,11 @@ class Autoencoder(nn.Module):
             raise ValueError(
                 f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}"
             )
+        if self.training and cfg.random_token_prob > 0:
+            u = torch.rand(flat.shape, generator=generator, device=flat.device)
+            noise = torch.randint(self.vocab_size, flat.shape, generator=generator,
+                                  device=flat.device, dtype=flat.dtype)
+            flat = torch.where(u < cfg.random_token_prob, noise, flat)  # (N, L) new targets too
         emb = self.embedding(flat)  # (N, L, H)
         if self.training and cfg.mask_prob > 0:
             u = torch.rand(flat.shape, generator=generator, device=flat.device)

@@ -452,6 +452,7 @@ class CALM(nn.Module):
         # a chunk is real when it holds any prompt token (partial first chunks keep their pads)
         key_valid = real.view(b, num_chunks, k).any(-1)  # (b, C0)
         first = (~key_valid).sum(-1)  # (b,) index of the first real chunk
+        masked = not bool(key_valid.all())  # some row has whole padding chunks
         total = num_chunks + steps
         key_valid = torch.cat([key_valid, key_valid.new_ones(b, steps)], dim=1)  # (b, C0+S)
         positions = (torch.arange(total, device=device)[None, :] - first[:, None]).clamp_min(0)
@@ -468,14 +469,20 @@ class CALM(nn.Module):
             else:
                 t0 = cur - 1
                 inputs = context[:, -k:]
-            causal = torch.arange(cur, device=device)[None, :] <= torch.arange(
-                t0, cur, device=device
-            )[:, None]  # (t, cur)
-            own = torch.arange(cur, device=device)[None, :] == torch.arange(t0, cur, device=device)[:, None]
-            # padded queries attend to themselves only, so no softmax row is empty (no NaN)
-            mask = ((causal[None] & key_valid[:, None, :cur]) | own[None])[:, None]  # (b, 1, t, cur)
+            if masked:
+                causal = torch.arange(cur, device=device)[None, :] <= torch.arange(
+                    t0, cur, device=device
+                )[:, None]  # (t, cur)
+                own = torch.arange(cur, device=device)[None, :] == torch.arange(
+                    t0, cur, device=device
+                )[:, None]
+                # padded queries attend to themselves only, so no softmax row is empty (no NaN)
+                mask = ((causal[None] & key_valid[:, None, :cur]) | own[None])[:, None]
+                pos_ids = positions[:, t0:cur]  # mask (b, 1, t, cur), positions (b, t)
+            else:  # no padding: the backbone's causal default and positions t0..cur-1
+                mask, pos_ids = None, None
             hidden = self.hidden_states(
-                inputs, position_ids=positions[:, t0:cur], attn_mask=mask, cache=cache
+                inputs, position_ids=pos_ids, attn_mask=mask, cache=cache
             )[:, -1]  # (b, h)
             chunk = self._next_chunk(
                 hidden, float(temperature), sampler, num_candidates, max_rounds, generator

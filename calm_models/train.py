@@ -225,6 +225,8 @@ class PipelineConfig:
         prompt: Prompt of the sample printed at the end.
         sample_tokens: Tokens generated for it.
         temperature: Sampling temperature.
+        eval_blocks: Validation blocks of the final BrierLM (at most; positions every
+            ``lm_stage.run.eval_stride`` tokens in each).
     """
 
     out_dir: str = "runs/pipeline"
@@ -233,6 +235,17 @@ class PipelineConfig:
     prompt: str = "def "
     sample_tokens: int = 64
     temperature: float = 1.0
+    eval_blocks: int = 2048
+
+    def validate(self) -> list[str]:
+        """Problems with the pipeline's own fields (the stages validate themselves)."""
+        problems = []
+        for name in ("sample_tokens", "eval_blocks"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.temperature <= 1.0:
+            problems.append(f"temperature must be in (0, 1], got {self.temperature}")
+        return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,18 +259,23 @@ def _tiny(stage: str) -> TrainConfig:
     cfg.data = DataConfig(vocab_size=2048, block_len=64, max_train_bytes=3_000_000,
                           max_valid_bytes=300_000, tokenizer_train_bytes=3_000_000)
     cfg.autoencoder = AutoencoderConfig(vocab_size=2048, chunk_size=4, latent_size=128,
-                                        hidden_size=256, intermediate_size=640)
+                                        hidden_size=256, intermediate_size=640,
+                                        random_token_prob=0.02)
     backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704,
                               max_seq_len=256)
     cfg.calm = CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2),
                           num_targets=100)
     cfg.baseline = backbone
-    cfg.optim = OptimConfig(lr=5e-3 if stage == "autoencoder" else 1e-3, weight_decay=0.1)
+    # CALM learns more slowly than the autoencoder: 3000 steps at 2e-3 reach BrierLM ~5 on the
+    # standard library's held-out files where 1000 steps at 1e-3 reach ~3 (2-core CPU, ~5 min).
+    lr = {"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]
+    cfg.optim = OptimConfig(lr=lr, weight_decay=0.1)
     cfg.schedule = ScheduleConfig(kind="cosine", warmup_steps=50 if stage == "autoencoder" else 100)
-    cfg.run = RunConfig(out_dir=f"runs/tiny-{stage}", steps=400 if stage == "autoencoder" else 1000,
+    cfg.run = RunConfig(out_dir=f"runs/tiny-{stage}", steps=400 if stage == "autoencoder" else 3000,
                         batch_size=32 if stage == "autoencoder" else 16,
-                        eval_every=100 if stage == "autoencoder" else 250, eval_batches=4,
-                        save_every=250, log_every=10)
+                        eval_every=100 if stage == "autoencoder" else 1000,
+                        eval_batches=4 if stage == "autoencoder" else 16,
+                        save_every=500, log_every=10)
     return cfg
 
 
@@ -267,8 +285,11 @@ def _small(stage: str) -> TrainConfig:
     cfg.data = replace(cfg.data, vocab_size=4096, block_len=128, max_train_bytes=None,
                        max_valid_bytes=None, tokenizer_train_bytes=20_000_000)
     cfg.autoencoder = replace(cfg.autoencoder, vocab_size=4096)
-    cfg.run = replace(cfg.run, out_dir=f"runs/small-{stage}", steps=2000, eval_every=250,
-                      save_every=250)
+    # the autoencoder's 3300 steps take ~18 minutes on a 2-core CPU and reach 100.00% token
+    # accuracy on WikiText (sigma = 0 and 0.3) after training on pd_english_train.jsonl
+    cfg.run = replace(cfg.run, out_dir=f"runs/small-{stage}",
+                      steps=3300 if stage == "autoencoder" else 3000, eval_every=500,
+                      save_every=500)
     return cfg
 
 
@@ -734,7 +755,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False) -> dict:
     valid = loaded.valid_blocks()
     device = next(loaded.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
-    n = min(len(valid), 64)
+    n = min(len(valid), cfg.eval_blocks)
     batches = [valid.get_batch(torch.arange(i, min(n, i + 16))) for i in range(0, n, 16)]
     result = evaluate_brier_lm(loaded.model, batches, stride=lm_cfg.run.eval_stride, generator=gen)
     print(format_result(result, f"\nCALM BrierLM on {n} validation blocks"))

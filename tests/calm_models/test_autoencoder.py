@@ -530,3 +530,39 @@ def test_follows_cuda_device():
     assert ae.reconstruct(tokens, 0.1, generator=g).device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(ae.loss(tokens, generator=g)["loss"])
+
+
+def _train_on_half_the_vocabulary(random_token_prob: float, steps: int = 300) -> Autoencoder:
+    """A tiny AE trained only on ids < V/2 (the other half never occurs in its corpus)."""
+    ae = _tiny(seed=0, mask_prob=0.0, latent_dropout=0.0, random_token_prob=random_token_prob)
+    ae.train()
+    g = torch.Generator().manual_seed(3)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    with _single_thread():
+        for _ in range(steps):
+            data = torch.randint(0, V // 2, (32, 16), generator=g)
+            out = ae.loss(data, generator=g)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+    return ae.eval()
+
+
+def test_random_tokens_teach_ids_the_corpus_never_contains():
+    unseen = torch.randint(V // 2, V, (64, 16), generator=torch.Generator().manual_seed(4))
+    plain = _train_on_half_the_vocabulary(0.0)
+    augmented = _train_on_half_the_vocabulary(0.3)
+    # without the augmentation the unseen half of the embedding is never trained
+    assert reconstruction_accuracy(plain, unseen).item() < 0.2
+    assert reconstruction_accuracy(augmented, unseen).item() > 0.9
+    seen = torch.randint(0, V // 2, (64, 16), generator=torch.Generator().manual_seed(5))
+    assert reconstruction_accuracy(augmented, seen).item() > 0.9
+
+
+def test_random_token_prob_is_validated_and_off_in_eval_mode():
+    with pytest.raises(ValueError, match="random_token_prob"):
+        AutoencoderConfig(vocab_size=V, random_token_prob=1.0).validate()
+    ae = _tiny(seed=0, random_token_prob=0.5).eval()
+    data = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(6))
+    plain = _tiny(seed=0).eval()
+    assert torch.equal(ae.loss(data)["loss"], plain.loss(data)["loss"])

@@ -717,14 +717,26 @@ def test_event_keys_are_injective(dtype, high, width, sliced):
     assert torch.unique(keys).numel() == torch.unique(x, dim=0).shape[0]
 
 
-def test_batched_hash_collisions_fall_back_to_exact_sort(monkeypatch):
-    # With a degenerate 32-bit fold every key collides: the CPU path must notice and redo the
-    # sort on the full keys, giving exactly the same choices.
+def test_batched_numpy_and_torch_row_sorts_agree(monkeypatch):
+    # The CPU path sorts rows with NumPy; other devices use torch.sort. Both must give exactly
+    # the same choices for the same uniforms.
     cands = torch.randint(0, 4, (300, 20, 2), generator=torch.Generator().manual_seed(5))
     expected = batched_temperature_sample(cands, 0.4, generator=torch.Generator().manual_seed(6))
-    monkeypatch.setattr(temperature_module, "_FOLD", 0)
+    monkeypatch.setattr(temperature_module, "_sort_rows", lambda k: torch.sort(k, dim=1).values)
     got = batched_temperature_sample(cands, 0.4, generator=torch.Generator().manual_seed(6))
     assert torch.equal(got, expected)
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.integers(1, 4))
+def test_group_counts_are_the_run_lengths(row, rows):
+    keys = torch.tensor(row).expand(rows, -1)
+    sorted_keys = temperature_module._sort_rows(keys.contiguous())
+    counts = temperature_module._group_counts(sorted_keys)
+    values, expected = torch.unique(torch.tensor(row), return_counts=True)
+    for r in range(rows):
+        ends = counts[r].nonzero().squeeze(1)
+        assert torch.equal(sorted_keys[r, ends], values)  # one entry per distinct value
+        assert torch.equal(counts[r, ends].long(), expected)
 
 
 def test_batched_reproducible_and_empty():
