@@ -134,7 +134,9 @@ def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tens
     an unbiased estimate of :math:`E\|X - X'\|^\beta - 2 E\|X - Y\|^\beta` for
     :math:`X, X' \sim P` (the model) and :math:`Y \sim Q` (the target), which is the energy
     score of ``P`` averaged over ``Q``, as in CALM. It is maximised in expectation only at
-    ``P = Q``. The diagonal ``i = j`` is excluded exactly.
+    ``P = Q``. The diagonal ``i = j`` is excluded exactly. For one observation (``m = 1``) and
+    ``beta = 1`` it equals ``-2`` times the negatively oriented "fair" ensemble energy score of
+    ``scoringrules`` (``es_ensemble(obs, fct, estimator="fair")``).
 
     Distances are computed batched from :math:`|a|^2 + |b|^2 - 2 a \cdot b` on points
     centred at the mean of the model draws (which leaves distances unchanged and keeps the
