@@ -41,17 +41,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _calm(k: int) -> CALM:
+def _calm(k: int, backbone: BackboneConfig = BACKBONE) -> CALM:
     torch.manual_seed(0)
     ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, chunk_size=k, latent_size=128,
                                        hidden_size=256, intermediate_size=640))
-    head = HeadConfig(hidden_size=256, num_blocks=2)
-    return CALM(CALMConfig(backbone=BACKBONE, head=head), ae).to(DEVICE).eval()
+    head = HeadConfig(hidden_size=backbone.hidden_size, num_blocks=2)
+    return CALM(CALMConfig(backbone=backbone, head=head), ae).to(DEVICE).eval()
 
 
-def _baseline() -> TokenLM:
+def _baseline(backbone: BackboneConfig = BACKBONE) -> TokenLM:
     torch.manual_seed(0)
-    return TokenLM(TokenLMConfig(VOCAB, BACKBONE)).to(DEVICE).eval()
+    return TokenLM(TokenLMConfig(VOCAB, backbone)).to(DEVICE).eval()
 
 
 def _run(benchmark, fn, rounds: int = 3):
@@ -136,14 +136,7 @@ WIDE = BackboneConfig(hidden_size=512, num_layers=8, num_heads=8, max_seq_len=10
 @pytest.mark.parametrize("model_kind", ["baseline", "calm-k4"])
 def test_generation_throughput_t1_wider_backbone(benchmark, model_kind):
     """Batch 1 with a 512 x 8 backbone: less of a step is Python overhead than at 256 x 4."""
-    torch.manual_seed(0)
-    if model_kind == "baseline":
-        model = TokenLM(TokenLMConfig(VOCAB, WIDE)).to(DEVICE).eval()
-    else:
-        ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, chunk_size=4, latent_size=128,
-                                           hidden_size=256, intermediate_size=640))
-        cfg = CALMConfig(backbone=WIDE, head=HeadConfig(hidden_size=512, num_blocks=2))
-        model = CALM(cfg, ae).to(DEVICE).eval()
+    model = _baseline(WIDE) if model_kind == "baseline" else _calm(4, WIDE)
     prompts = torch.randint(VOCAB, (1, PROMPT_LEN), device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     benchmark.group = "generation at batch 1, T = 1, backbone 512 x 8"

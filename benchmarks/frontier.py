@@ -53,7 +53,6 @@ from calm_models import checkpoint as ckpt  # noqa: E402
 from calm_models.backbone import BackboneConfig  # noqa: E402
 from calm_models.data import PackedBlocks, TextTokenizer, encode_documents, read_documents  # noqa: E402
 from calm_models.evaluate import evaluate_brier_lm  # noqa: E402
-from calm_models.heads import HeadConfig  # noqa: E402
 from calm_models.model import CALM  # noqa: E402
 from calm_models.train import (  # noqa: E402
     build_model,
@@ -130,23 +129,23 @@ def autoencoder_config(k: int, args, out_dir: Path, tokenizer: Path | None):
     return _run_settings(cfg, args, out_dir, steps, batch=32)
 
 
-def model_config(spec: Spec, args, out_dir: Path, tokenizer: Path, ae_dir: Path | None):
-    """Training config of one run, its steps set by the FLOP budget (see :func:`budget_steps`)."""
+def model_config(spec: Spec, args, tokenizer: Path, ae_dir: Path | None):
+    """Model and data config of one run; :func:`_run_settings` adds the steps of the budget."""
     cfg = _data(preset("small", spec.kind), args, tokenizer)
     if spec.kind == "ar":
         cfg.baseline = BACKBONES[spec.size]
     else:
         cfg.autoencoder_path = str(ae_dir)
         cfg.calm = replace(cfg.calm, backbone=BACKBONES[spec.size],
-                           head=replace(HeadConfig(hidden_size=256, num_blocks=2), type=spec.head))
-    return _run_settings(cfg, args, out_dir, steps=1)
+                           head=replace(cfg.calm.head, type=spec.head))
+    return cfg
 
 
-def flops_per_token(cfg, vocab_size: int) -> dict[str, float]:
-    """Analytic training and inference FLOPs per token of a config (builds the model once)."""
-    autoencoder = None
-    if cfg.stage == "calm":
-        autoencoder = load_trained_model(cfg.autoencoder_path).model
+def flops_per_token(cfg, vocab_size: int, autoencoder=None) -> dict[str, float]:
+    """Analytic training and inference FLOPs per token of a config (builds the model once).
+
+    ``autoencoder`` is the trained autoencoder of a ``calm`` config.
+    """
     model = build_model(cfg, vocab_size, autoencoder)
     train_ft = train_flops_per_token(model, cfg.data.block_len)
     if isinstance(model, CALM):
@@ -195,9 +194,13 @@ def brier_lm_of(model, blocks: torch.Tensor, seed: int, batch: int = 16) -> dict
     return evaluate_brier_lm(model, batches, stride=8, generator=gen).to_dict()
 
 
-def evaluate_run(run_dir: Path, blocks: dict[str, torch.Tensor], args, curve_file: str) -> dict:
-    """BrierLM at every checkpoint on ``curve_file`` and at the last one on every source."""
-    meta = json.loads((run_dir / "flops.json").read_text())
+def evaluate_run(
+    run_dir: Path, meta: dict, blocks: dict[str, torch.Tensor], args, curve_file: str
+) -> dict:
+    """BrierLM at every checkpoint on ``curve_file`` and at the last one on every source.
+
+    ``meta`` holds the run's training FLOPs per token (and its autoencoder's training FLOPs).
+    """
     curve = []
     checkpoints = ckpt.list_checkpoints(run_dir)
     for path in checkpoints:
@@ -251,26 +254,27 @@ def run_experiment(args) -> dict:
 
     # -- autoencoders (the first one trains the shared tokenizer) --------------------------------
     tokenizer_path = out / "ae-k4" / "tokenizer.json"
-    ae_dirs, ae_meta = {}, {}
+    ae_dirs, ae_meta, ae_loaded = {}, {}, {}
     for k in ks:
         run_dir = out / f"ae-k{k}"
         cfg = autoencoder_config(k, args, run_dir, tokenizer_path if k != 4 else None)
         state = _train_once(cfg, run_dir)
-        per_token = train_flops_per_token(load_trained_model(run_dir).model, BLOCK_LEN)
+        ae_loaded[k] = load_trained_model(run_dir, device=args.device)
+        per_token = train_flops_per_token(ae_loaded[k].model, BLOCK_LEN)
         tokens = int(state["tokens"])
         ae_meta[k] = {"train": per_token, "tokens": tokens, "train_flops": per_token * tokens,
                       "time_s": float(state["elapsed"])}
         (run_dir / "flops.json").write_text(json.dumps(ae_meta[k]))
         ae_dirs[k] = run_dir
     tokenizer = TextTokenizer.load(tokenizer_path)
-    held_out = load_trained_model(ae_dirs[4]).valid_blocks().tokens
+    held_out = ae_loaded[4].valid_blocks().tokens
     blocks = eval_blocks(tokenizer, held_out, args.eval, args.eval_blocks)
     curve_file = HELD_OUT
     from calm_models.autoencoder import robustness_table
 
     ae_results = {}
-    for k, run_dir in ae_dirs.items():
-        model = load_trained_model(run_dir, device=args.device).model
+    for k in ae_dirs:
+        model = ae_loaded[k].model
         device = next(model.parameters()).device
         accuracy = {}
         for name, source in blocks.items():
@@ -285,12 +289,13 @@ def run_experiment(args) -> dict:
     results = {"budget_flops": budget, "autoencoders": ae_results, "runs": {}}
     for spec in specs:
         run_dir = out / spec.name
-        ae_dir = ae_dirs.get(spec.chunk_size) if spec.kind == "calm" else None
-        cfg = model_config(spec, args, run_dir, tokenizer_path, ae_dir)
-        meta = flops_per_token(cfg, tokenizer.vocab_size)
+        calm = spec.kind == "calm"
+        cfg = model_config(spec, args, tokenizer_path, ae_dirs[spec.chunk_size] if calm else None)
+        autoencoder = ae_loaded[spec.chunk_size].model if calm else None  # only counted
+        meta = flops_per_token(cfg, tokenizer.vocab_size, autoencoder)
         steps = budget_steps(budget, meta["train"])
         cfg = _run_settings(cfg, args, run_dir, steps)
-        if spec.kind == "calm":
+        if calm:
             meta["ae_train_flops"] = ae_meta[spec.chunk_size]["train_flops"]
         print(f"== {spec.name}: {meta['params'] / 1e6:.2f}M parameters, "
               f"{meta['train'] / 1e6:.1f} MFLOP/token (train), {steps} steps", flush=True)
@@ -300,7 +305,8 @@ def run_experiment(args) -> dict:
         if _done(run_dir):
             entry = json.loads((run_dir / "final.json").read_text())
         else:
-            entry = {"spec": spec.__dict__, "flops": meta, **evaluate_run(run_dir, blocks, args, curve_file)}
+            curves = evaluate_run(run_dir, meta, blocks, args, curve_file)
+            entry = {"spec": spec.__dict__, "flops": meta, **curves}
             (run_dir / "final.json").write_text(json.dumps(entry, indent=2))
         results["runs"][spec.name] = entry
         print(json.dumps({spec.name: entry["final"]}), flush=True)

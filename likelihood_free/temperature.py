@@ -732,7 +732,7 @@ def batched_temperature_sample(
     events of a row would be merged only if their hashes collide (probability about
     ``E * 2**-64`` per pair). Each row's ``N`` keys are sorted (NumPy's SIMD sort on CPU,
     ``torch.sort`` elsewhere), so equal events form runs; a run's length is its value's count
-    ``c_x``, read from a reversed running minimum over the run starts, and its weight comes from a
+    ``c_x``, read from a running maximum over the run starts, and its weight comes from a
     table indexed by count. No Python loop over rows and no device synchronisation: the same code
     runs on CPU and GPU (on CPU, where reading a flag is free, key packing takes a cheaper path
     when a check allows). Floats are compared by value, ``-0.0 == 0.0``.
