@@ -50,17 +50,11 @@ if str(_ROOT) not in sys.path:  # standalone run: make the project importable
     sys.path.insert(0, str(_ROOT))
 
 from calm_models import checkpoint as ckpt  # noqa: E402
-from calm_models.backbone import BackboneConfig  # noqa: E402
+from calm_models.config import BackboneConfig, preset  # noqa: E402
 from calm_models.data import PackedBlocks, TextTokenizer, encode_documents, read_documents  # noqa: E402
 from calm_models.evaluate import evaluate_brier_lm  # noqa: E402
-from calm_models.model import CALM  # noqa: E402
-from calm_models.train import (  # noqa: E402
-    build_model,
-    load_trained_model,
-    preset,
-    train,
-    train_flops_per_token,
-)
+from calm_models.runs import build_model, load_run  # noqa: E402
+from calm_models.train import train  # noqa: E402
 
 SHARED = _ROOT.parent / "shared" / "data"
 DEFAULT_TRAIN = SHARED / "pd_english_train.jsonl"
@@ -147,15 +141,9 @@ def flops_per_token(cfg, vocab_size: int, autoencoder=None) -> dict[str, float]:
     ``autoencoder`` is the trained autoencoder of a ``calm`` config.
     """
     model = build_model(cfg, vocab_size, autoencoder)
-    train_ft = train_flops_per_token(model, cfg.data.block_len)
-    if isinstance(model, CALM):
-        inference = model.flops_per_token(cfg.data.block_len)["inference"]
-    elif cfg.stage == "ar":
-        inference = model.flops_per_token(cfg.data.block_len, mode="inference")
-    else:
-        inference = train_ft / 3.0
+    flops = model.flops_per_token(cfg.data.block_len)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("autoencoder."))
-    return {"train": train_ft, "inference": inference, "params": params}
+    return {"train": flops["train"], "inference": flops["inference"], "params": params}
 
 
 def budget_steps(budget: float, train_flops: float) -> int:
@@ -204,7 +192,7 @@ def evaluate_run(
     curve = []
     checkpoints = ckpt.list_checkpoints(run_dir)
     for path in checkpoints:
-        loaded = load_trained_model(path, device=args.device)
+        loaded = load_run(path, device=args.device)
         state = _train_state(path)
         res = brier_lm_of(loaded.model, blocks[curve_file], args.seed)
         tokens = int(state["tokens"])
@@ -226,7 +214,7 @@ def _done(run_dir: Path) -> bool:
 
 def _train_state(path: Path) -> dict:
     """The loop's train state of a checkpoint: ``step``, ``tokens``, ``elapsed``, ..."""
-    return ckpt.load_train_state(path)["train_state"]
+    return torch.load(path / ckpt.STATE_FILE, weights_only=True)["train_state"]
 
 
 def _latest_state(run_dir: Path) -> dict | None:
@@ -259,15 +247,15 @@ def run_experiment(args) -> dict:
         run_dir = out / f"ae-k{k}"
         cfg = autoencoder_config(k, args, run_dir, tokenizer_path if k != 4 else None)
         state = _train_once(cfg, run_dir)
-        ae_loaded[k] = load_trained_model(run_dir, device=args.device)
-        per_token = train_flops_per_token(ae_loaded[k].model, BLOCK_LEN)
+        ae_loaded[k] = load_run(run_dir, device=args.device)
+        per_token = ae_loaded[k].model.flops_per_token(BLOCK_LEN)["train"]
         tokens = int(state["tokens"])
         ae_meta[k] = {"train": per_token, "tokens": tokens, "train_flops": per_token * tokens,
                       "time_s": float(state["elapsed"])}
         (run_dir / "flops.json").write_text(json.dumps(ae_meta[k]))
         ae_dirs[k] = run_dir
     tokenizer = TextTokenizer.load(tokenizer_path)
-    held_out = ae_loaded[4].valid_blocks().tokens
+    held_out = ae_loaded[4].blocks().tokens
     blocks = eval_blocks(tokenizer, held_out, args.eval, args.eval_blocks)
     curve_file = HELD_OUT
     from calm_models.autoencoder import robustness_table

@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from calm_models.model import CALM
-from calm_models.train import load_trained_model
+from calm_models.runs import load_run
 from likelihood_free.temperature import batched_temperature_sample
 
 
@@ -39,30 +38,31 @@ def _time(fn, repeats: int = 2) -> float:
 
 def measure(run: str, batches: list[int], new_tokens: int, device: str = "auto") -> list[dict]:
     """Throughput rows for one run."""
-    loaded = load_trained_model(run, device=device)
+    loaded = load_run(run, device=device)
     model = loaded.model
     dev = next(model.parameters()).device
-    valid = loaded.valid_blocks()
+    valid = loaded.blocks()
     rows = []
-    settings = [(1.0, "exact"), (0.5, "batch"), (0.5, "exact")] if isinstance(model, CALM) else [
-        (1.0, "-"), (0.5, "-")]
+    # a sampler-only model (CALM) tempers with the exact sampler or the batch approximation;
+    # a token model tempers its logits (the sampler argument does not apply)
+    settings = [(1.0, "exact"), (0.5, "exact")] + ([(0.5, "batch")] if model.chunk_size > 1 else [])
     for batch in batches:
         prompts = valid.get_batch(torch.arange(batch) % len(valid))[:, :32].to(dev)
         for temperature, sampler in settings:
             gen = torch.Generator(device=dev).manual_seed(0)
-            kwargs = {"temperature": temperature, "generator": gen}
-            if isinstance(model, CALM):
-                kwargs.update(sampler=sampler, num_candidates=200, max_rounds=200)
+            kwargs = {"temperature": temperature, "generator": gen, "sampler": sampler,
+                      "num_candidates": 200}
             seconds = _time(lambda kw=kwargs, p=prompts: model.generate(p, new_tokens, **kw))
-            row = {"run": run, "kind": loaded.kind, "batch": batch, "temperature": temperature,
-                   "sampler": sampler, "tokens_per_s": batch * new_tokens / seconds}
-            if isinstance(model, CALM) and sampler == "batch":
+            row = {"run": run, "kind": loaded.config.stage, "batch": batch,
+                   "temperature": temperature, "sampler": sampler,
+                   "tokens_per_s": batch * new_tokens / seconds}
+            if sampler == "batch":
                 hidden = torch.randn(batch, model.config.backbone.hidden_size, device=dev)
                 with torch.no_grad():
                     t0 = time.perf_counter()
                     cands = model.sample_chunks(hidden, 200, gen)
                     t1 = time.perf_counter()
-                    batched_temperature_sample(cands.transpose(0, 1), temperature, generator=gen)
+                    batched_temperature_sample(cands, temperature, event_ndim=1, generator=gen)
                     t2 = time.perf_counter()
                 row.update(step_head_decode_ms=1e3 * (t1 - t0), step_grouping_ms=1e3 * (t2 - t1))
             rows.append(row)

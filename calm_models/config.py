@@ -1,792 +1,839 @@
-"""Nested-dataclass configuration: build, check, merge, override, save and compare.
+"""Every configuration of a run in one place: models, data, optimiser, schedule, run, presets.
 
-A run is described by one nested ``@dataclass`` (for example ``TrainConfig`` holding a
-``model``, ``data``, ``optim`` ... section).  This module is generic: it knows nothing about
-the models and works with any dataclass tree.  Values are resolved with the precedence
+Each section is a plain ``@dataclass`` that checks its own fields when it is built
+(``__post_init__``), so a config that exists is valid and the modules built from it trust it.
+A run is one :class:`TrainConfig` (or a :class:`PipelineConfig`: two stages and a sample),
+resolved with the precedence
 
-    dataclass defaults  <  preset  <  config file (YAML/TOML)  <  dotted command-line overrides
+    dataclass defaults  <  preset  <  config file (YAML/TOML)  <  dotted overrides
 
-and the result is type-checked field by field (with light coercion: ``int`` is accepted for
-``float``, the string ``"1e-3"`` for a float, ``"true"`` for a bool, a list for a tuple), then
-every nested dataclass that defines ``validate()`` is asked to check itself.  All errors are
-:class:`ConfigError` (a ``ValueError``) with a one-line message that names the dotted path of the
-offending field, e.g. ``optim.lr: expected a float, got str 'fast'`` or
-``unknown field 'optim.lrr' (did you mean 'lr'?); valid fields of OptimConfig: lr, ...``.
+by :func:`load_config`. Merging, type checking and the parsing of ``key.sub=value`` overrides
+are OmegaConf's (structured configs); this module only turns every problem into one
+:class:`ConfigError` line that names the dotted field, e.g.
+``optim.lr: Value 'fast' of type 'str' could not be converted to Float``.
 
 Example:
-    >>> from dataclasses import dataclass, field
-    >>> @dataclass
-    ... class Optim:
-    ...     lr: float = 3e-4
-    ...     betas: tuple[float, float] = (0.9, 0.95)
-    >>> @dataclass
-    ... class Run:
-    ...     name: str = "run"
-    ...     optim: Optim = field(default_factory=Optim)
-    >>> cfg = resolve_config(Run, preset=None, file=None, overrides=["optim.lr=1e-3"])
-    >>> cfg.optim.lr
-    0.001
-    >>> config_to_dict(cfg)
-    {'name': 'run', 'optim': {'lr': 0.001, 'betas': [0.9, 0.95]}}
-    >>> diff_configs(cfg, Run())
-    ['optim.lr']
+    >>> cfg = load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=["optim.lr=1e-3"])
+    >>> cfg.optim.lr, cfg.baseline.hidden_size
+    (0.001, 256)
+    >>> load_config(TrainConfig, overrides=["optim.lrr=1"])
+    Traceback (most recent call last):
+    ...
+    calm_models.config.ConfigError: optim.lrr: Key 'lrr' not in 'OptimConfig'. Did you mean: 'lr'?
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import enum
-import functools
+import math
 import os
 import sys
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
-
-import yaml
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from typing import Any
 
 __all__ = [
+    "AutoencoderConfig",
+    "BackboneConfig",
+    "CALMConfig",
     "ConfigError",
-    "apply_overrides",
-    "config_from_dict",
+    "DataConfig",
+    "HeadConfig",
+    "OptimConfig",
+    "PRESETS",
+    "PipelineConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "STAGES",
+    "TokenLMConfig",
+    "TrainConfig",
     "config_to_dict",
     "diff_configs",
     "flatten_config",
-    "load_config_file",
-    "resolve_config",
+    "load_config",
+    "preset",
     "save_config",
-    "validate_config",
 ]
 
-T = TypeVar("T")
-
-_TRUE_STRINGS = {"true", "yes", "on", "1", "y"}
-_FALSE_STRINGS = {"false", "no", "off", "0", "n"}
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+#: Stages of :func:`calm_models.train.train`.
+STAGES = ("autoencoder", "calm", "ar")
+HEAD_TYPES = ("energy", "flow", "diffusion")
+_BUILTIN_OPTIMIZERS = ("adamw", "adam", "sgd")
+# Optimisers of the torch-optimizer package (checked here so that a typo fails before training).
+_TORCH_OPTIMIZER_NAMES = frozenset(
+    "a2gradexp a2gradinc a2graduni accsgd adabelief adabound adafactor adahessian adamod adamp "
+    "aggmo apollo diffgrad lamb lars madgrad novograd pid qhadam qhm radam ranger rangerqh "
+    "rangerva sgdp sgdw shampoo swats yogi".split()
+)
 
 
 class ConfigError(ValueError):
-    """A configuration value, key, file or override is invalid.
+    """A configuration value, key, file or override is invalid (a one-line message)."""
 
-    The message is a single line naming the dotted path of the field concerned, suitable for a
-    command-line tool to print as ``error: <message>``.
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _ints(obj: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and name in _OPTIONAL_INTS:
+            continue
+        _need(
+            isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{name} must be an int >= {minimum}, got {value!r}",
+        )
+
+
+def _choice(obj: Any, name: str, valid: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _need(value in valid, f"{name} must be one of {valid}, got {value!r}")
+
+
+def _interval(obj: Any, name: str, low: float, high: float, closed: str = "[)") -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if closed[0] == "[" else value > low) and (
+            value <= high if closed[1] == "]" else value < high
+        )
+    _need(ok, f"{name} must be in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}")
+
+
+_OPTIONAL_INTS = frozenset(
+    {"intermediate_size", "num_kv_heads", "ffn_size", "compress_ffn_size", "max_train_bytes",
+     "max_valid_bytes"}
+)
+
+# ------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class AutoencoderConfig:
+    """The robust variational autoencoder (:class:`calm_models.autoencoder.Autoencoder`).
+
+    Attributes:
+        vocab_size: Token ids ``V`` (set from the tokenizer when training).
+        chunk_size: Tokens per latent vector ``K`` (paper: 4).
+        latent_size: Latent dimension ``l`` (paper: 128).
+        hidden_size: Hidden width ``H`` (paper: 512).
+        intermediate_size: SwiGLU width; ``None`` is ``round(2.5 * H)``.
+        num_token_layers: Per-token residual SwiGLU layers on each side.
+        num_chunk_layers: Residual SwiGLU layers on the flattened chunk, on each side.
+        kl_weight: Weight of the KL term (paper: 1e-3).
+        kl_clamp: Per-dimension lower clamp of the KL, ``max(KL_d, kl_clamp)`` (paper: 0.5).
+        mask_prob: Probability that an input token's embedding is zeroed in training (0.15).
+        latent_dropout: Dropout on the sampled latent in training (paper: 0.15).
+        random_token_prob: Probability that a training token is replaced, in input and target,
+            by a random id, so that ids the corpus never contains are trained too (paper: 0).
+        init_std: Standard deviation of the normal init of every linear layer and embedding.
+        norm_eps: Epsilon of every RMSNorm.
+
+    Example:
+        >>> AutoencoderConfig(vocab_size=128_256).ffn_size
+        1280
     """
 
+    vocab_size: int = 4096
+    chunk_size: int = 4
+    latent_size: int = 128
+    hidden_size: int = 512
+    intermediate_size: int | None = None
+    num_token_layers: int = 1
+    num_chunk_layers: int = 1
+    kl_weight: float = 1e-3
+    kl_clamp: float = 0.5
+    mask_prob: float = 0.15
+    latent_dropout: float = 0.15
+    random_token_prob: float = 0.0
+    init_std: float = 0.05
+    norm_eps: float = 1e-6
 
-# ----------------------------------------------------------------------------------------------
-# Type helpers
-# ----------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _ints(self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size")
+        _ints(self, 0, "num_token_layers", "num_chunk_layers")
+        for name in ("kl_weight", "kl_clamp"):
+            _interval(self, name, 0, math.inf)
+        for name in ("mask_prob", "latent_dropout", "random_token_prob"):
+            _interval(self, name, 0, 1)
+        for name in ("init_std", "norm_eps"):
+            _interval(self, name, 0, math.inf, "()")
 
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass (string annotations evaluated)."""
-    try:
-        return typing.get_type_hints(cls)
-    except NameError:
-        pass
-    # A class defined inside a function (a test, a doctest) can name nested config classes that
-    # are not module globals: resolve those names from the fields' defaults.
-    local: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        for candidate in (f.default_factory, type(f.default)):
-            if isinstance(candidate, type):
-                local.setdefault(candidate.__name__, candidate)
-    try:
-        return typing.get_type_hints(cls, localns=local)
-    except Exception as exc:  # noqa: BLE001 - turn any resolution failure into a clear error
-        raise ConfigError(f"cannot resolve the field types of {cls.__name__}: {exc}") from None
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _is_union(tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    return origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType)
+    @property
+    def ffn_size(self) -> int:
+        """Resolved SwiGLU intermediate width."""
+        return self.intermediate_size or int(round(2.5 * self.hidden_size))
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "None"
-    if isinstance(tp, type) and typing.get_origin(tp) is None:
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+@dataclass
+class BackboneConfig:
+    """The Llama-style decoder shared by CALM and the token baseline.
+
+    Attributes:
+        hidden_size: Model width ``h``.
+        num_layers: Decoder blocks.
+        num_heads: Query heads; ``hidden_size`` must be divisible by it.
+        num_kv_heads: Key/value heads (grouped-query attention); ``None``: ``num_heads``.
+        ffn_size: SwiGLU width; ``None``: ``8/3 h`` rounded up to a multiple of 64.
+        max_seq_len: Longest sequence (in backbone positions) of one forward call.
+        rope_theta: Base of the rotary frequencies.
+        norm_eps: Epsilon of every RMSNorm.
+        init_std: Normal init of every linear layer; output projections get
+            ``init_std / sqrt(2 * num_layers)``.
+
+    Example:
+        >>> cfg = BackboneConfig(hidden_size=256, num_heads=4, num_kv_heads=2)
+        >>> cfg.head_dim, cfg.resolved_kv_heads, cfg.resolved_ffn_size
+        (64, 2, 704)
+    """
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    ffn_size: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _ints(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size",
+              "max_seq_len")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _interval(self, name, 0, math.inf, "()")
+        _need(self.hidden_size % self.num_heads == 0,
+              f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        _need(self.num_heads % self.resolved_kv_heads == 0,
+              f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+              f"({self.resolved_kv_heads})")
+        _need(self.head_dim % 2 == 0,
+              f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        """Key/value heads with the default resolved."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def resolved_ffn_size(self) -> int:
+        """Feed-forward width with the default resolved."""
+        return self.ffn_size or 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head size ``h / num_heads``."""
+        return self.hidden_size // self.num_heads
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+@dataclass
+class HeadConfig:
+    """A generative head (:mod:`calm_models.heads`); fields of the other types are ignored.
+
+    Attributes:
+        type: ``"energy"`` (CALM), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
+        hidden_size: Head width ``w``.
+        num_blocks: Residual MLP blocks.
+        noise_size: Size of the energy head's uniform noise ``U[-1/2, 1/2]^z``.
+        num_samples: Energy loss: head samples ``N`` per position (>= 2).
+        beta: Energy-score exponent in ``(0, 2)``.
+        max_target_draws: Flow/diffusion loss: at most this many of the ``M`` targets are used.
+        flow_steps: ODE solver steps of the flow sampler.
+        flow_solver: ``"euler"`` or ``"midpoint"``.
+        flow_time_dist: Flow training times: ``"logit_normal"`` or ``"uniform"``.
+        diffusion_steps: DDIM sampling steps (a strided subset of the training steps).
+        diffusion_train_steps: Discrete diffusion timesteps ``T`` of training.
+        diffusion_eta: DDIM ``eta`` in ``[0, 1]`` (1: ancestral sampling, 0: deterministic).
+        norm_eps: Epsilon of the layer norms.
+
+    Example:
+        >>> HeadConfig(type="gan")
+        Traceback (most recent call last):
+        ...
+        ValueError: type must be one of ('energy', 'flow', 'diffusion'), got 'gan'
+    """
+
+    type: str = "energy"
+    hidden_size: int = 256
+    num_blocks: int = 3
+    noise_size: int = 64
+    num_samples: int = 8
+    beta: float = 1.0
+    max_target_draws: int = 4
+    flow_steps: int = 8
+    flow_solver: str = "midpoint"
+    flow_time_dist: str = "logit_normal"
+    diffusion_steps: int = 50
+    diffusion_train_steps: int = 1000
+    diffusion_eta: float = 1.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _choice(self, "type", HEAD_TYPES)
+        _choice(self, "flow_solver", ("euler", "midpoint"))
+        _choice(self, "flow_time_dist", ("uniform", "logit_normal"))
+        _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps",
+              "diffusion_steps")
+        _ints(self, 0, "num_blocks")
+        _ints(self, 2, "num_samples", "diffusion_train_steps")
+        _need(self.diffusion_steps <= self.diffusion_train_steps,
+              f"diffusion_steps must be <= diffusion_train_steps, got {self.diffusion_steps} > "
+              f"{self.diffusion_train_steps}")
+        _interval(self, "beta", 0, 2, "()")
+        _interval(self, "diffusion_eta", 0, 1, "[]")
+        _interval(self, "norm_eps", 0, math.inf, "()")
 
 
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+@dataclass
+class CALMConfig:
+    """CALM on a frozen autoencoder (the autoencoder is configured separately).
+
+    Attributes:
+        backbone: The Transformer over chunks.
+        head: The generative head.
+        num_targets: Posterior draws ``M`` per chunk used as energy-loss targets (paper: 100).
+        compress_ffn_size: Width of the input compression's SwiGLU (``None``: ``2 h``).
+
+    Example:
+        >>> CALMConfig(num_targets=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_targets must be an int >= 1, got 0
+    """
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    num_targets: int = 100
+    compress_ffn_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _ints(self, 1, "num_targets", "compress_ffn_size")
 
 
-def _suggest(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+@dataclass
+class TokenLMConfig:
+    """The token-level Transformer baseline (:class:`calm_models.baseline.TokenLM`).
+
+    Attributes:
+        vocab_size: Token ids ``V`` (>= 2).
+        backbone: The decoder.
+        tie_embeddings: The output layer reuses the input embedding matrix.
+    """
+
+    vocab_size: int = 4096
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        _ints(self, 2, "vocab_size")
 
 
-def _unknown_field_error(cls: type, key: str, path: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
-    return ConfigError(
-        f"unknown field {_join(path, key)!r}{_suggest(str(key), names)}; "
-        f"valid fields of {cls.__name__}: {', '.join(names)}"
+# -------------------------------------------------------------------------- data and training
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenised and cut into blocks (:mod:`calm_models.data`).
+
+    Attributes:
+        train_files: Training files or glob patterns; empty: the Python standard library.
+        valid_files: Validation files. Empty: the standard library's validation split when
+            ``train_files`` is empty too, else the last ``valid_fraction`` of the training stream.
+        tokenizer: An existing ``tokenizer.json`` (copied into the run); ``None``: train a
+            byte-level BPE of ``vocab_size`` on the training text (or reuse the run's own).
+        eos_token: EOS token of a loaded tokenizer; ``None`` detects it.
+        vocab_size: BPE vocabulary size when training one.
+        block_len: Tokens per training block, a multiple of the chunk size.
+        max_train_bytes: Cap on the training text in UTF-8 bytes (``None``: all).
+        max_valid_bytes: Cap on the validation text.
+        tokenizer_train_bytes: Cap on the text used to train the BPE.
+        valid_fraction: Share of the training stream held out when there are no ``valid_files``.
+        cache_dir: Token-cache directory; ``None``: :func:`calm_models.data.default_cache_dir`.
+        format: Reader format: ``auto``, ``text``, ``jsonl``, ``wikitext`` or ``python``.
+        split_paragraphs: Plain text: one document per paragraph block.
+        text_field: JSONL field holding the text.
+        errors: ``"strict"`` or ``"replace"`` for invalid UTF-8.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    vocab_size: int = 4096
+    block_len: int = 256
+    max_train_bytes: int | None = None
+    max_valid_bytes: int | None = None
+    tokenizer_train_bytes: int = 20_000_000
+    valid_fraction: float = 0.02
+    cache_dir: str | None = None
+    format: str = "auto"
+    split_paragraphs: bool = False
+    text_field: str = "text"
+    errors: str = "strict"
+
+    def __post_init__(self) -> None:
+        for name in ("train_files", "valid_files"):
+            _need(isinstance(getattr(self, name), list), f"{name} must be a list of paths or "
+                  f"glob patterns, got {getattr(self, name)!r}")
+        _ints(self, 257, "vocab_size")
+        _ints(self, 1, "block_len", "max_train_bytes", "max_valid_bytes", "tokenizer_train_bytes")
+        _interval(self, "valid_fraction", 0, 1, "()")
+        _choice(self, "format", ("auto", "text", "jsonl", "wikitext", "python"))
+        _choice(self, "errors", ("strict", "replace"))
+        _need(bool(self.text_field), "text_field must be a non-empty string")
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser (:func:`calm_models.optim.build_optimizer`).
+
+    Attributes:
+        name: ``adamw``, ``adam``, ``sgd`` or any ``torch-optimizer`` name (``lamb``, ...).
+        lr: Peak learning rate.
+        betas: Adam ``(beta1, beta2)``.
+        weight_decay: Decoupled weight decay of matrices (not of biases, norms, embeddings).
+        eps: Adam epsilon.
+        grad_clip: Maximum global gradient norm; 0 disables clipping.
+        momentum: SGD momentum.
+        extra: Further keyword arguments of the optimiser.
+    """
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    momentum: float = 0.9
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _need(self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in
+              _TORCH_OPTIMIZER_NAMES, f"name: unknown optimizer {self.name!r}; valid names: "
+              f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'")
+        _interval(self, "lr", 0, math.inf, "()")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+              f"betas must lie in [0, 1), got {tuple(self.betas)}")
+        for name in ("weight_decay", "grad_clip", "momentum"):
+            _interval(self, name, 0, math.inf)
+        _interval(self, "eps", 0, math.inf, "()")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up, then constant, cosine or linear decay.
+
+    Attributes:
+        kind: ``"constant"`` (as in the CALM paper), ``"cosine"`` or ``"linear"``.
+        warmup_steps: Linear warm-up steps.
+        min_lr_ratio: Final learning rate of the decaying kinds, as a fraction of the peak.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("constant", "cosine", "linear"))
+        _ints(self, 0, "warmup_steps")
+        _interval(self, "min_lr_ratio", 0, 1, "[]")
+
+
+@dataclass
+class RunConfig:
+    """How a run is executed (not what is trained).
+
+    Attributes:
+        out_dir: Run directory: config, tokenizer, checkpoints, metrics.
+        steps: Optimiser steps (the schedule's horizon).
+        batch_size: Blocks per rank per micro-step.
+        grad_accum: Micro-steps per optimiser step.
+        max_time_s: Stop (and save) after this many seconds of training.
+        eval_every: Evaluate every this many steps (0: only at the end).
+        eval_batches: Validation batches per evaluation (per rank).
+        eval_stride: BrierLM position spacing in tokens (a multiple of the chunk size).
+        save_every: Checkpoint every this many steps (0: only at the end).
+        log_every: Write training metrics every this many steps.
+        keep_last: Checkpoints kept.
+        max_nonfinite_skips: Steps with a non-finite loss or gradient norm that are skipped
+            (and counted in the metrics) before the run stops; 0 stops at the first.
+        seed: Seed of initialisation, data order and sampling.
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
+        precision: ``auto`` (bf16 autocast on GPUs that support it), ``bf16`` or ``fp32``.
+        compile: Wrap the training objective in :func:`torch.compile`.
+        strategy: ``ddp``, ``fsdp`` or ``none`` (used when more than one process runs).
+        num_threads: CPU threads of torch (0: torch's default).
+        tensorboard: Also log to TensorBoard.
+        progress: Show a progress bar.
+    """
+
+    out_dir: str = "runs/calm"
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_time_s: float | None = None
+    eval_every: int = 200
+    eval_batches: int = 8
+    eval_stride: int = 8
+    save_every: int = 500
+    log_every: int = 10
+    keep_last: int = 2
+    max_nonfinite_skips: int = 0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    strategy: str = "ddp"
+    num_threads: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _ints(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride",
+              "keep_last")
+        _ints(self, 0, "eval_every", "save_every", "log_every", "num_threads",
+              "max_nonfinite_skips")
+        if self.max_time_s is not None:
+            _interval(self, "max_time_s", 0, math.inf, "()")
+        _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "strategy", ("ddp", "fsdp", "none"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything one stage needs; the other stages ignore the sections they do not use.
+
+    Attributes:
+        stage: ``autoencoder``, ``calm`` or ``ar`` (the token baseline).
+        data: Corpus, tokenizer and blocks.
+        autoencoder: Autoencoder architecture (``vocab_size`` comes from the tokenizer).
+        autoencoder_path: ``calm`` stage: the trained autoencoder's run or checkpoint.
+        calm: CALM backbone, head and energy-loss targets.
+        baseline: Backbone of the token baseline.
+        optim: Optimiser.
+        schedule: Learning-rate schedule.
+        run: Execution settings.
+    """
+
+    stage: str = "autoencoder"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    autoencoder_path: str | None = None
+    calm: CALMConfig = field(default_factory=CALMConfig)
+    baseline: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _choice(self, "stage", STAGES)
+        k = self.chunk_size
+        _need(self.data.block_len % k == 0,
+              f"data.block_len={self.data.block_len} must be a multiple of K={k}")
+        if self.stage == "calm":
+            _need(bool(self.autoencoder_path), "autoencoder_path: the calm stage needs a trained "
+                  "autoencoder run")
+            _need(self.data.block_len >= 2 * k, f"data.block_len must hold 2 chunks of {k} tokens")
+        if self.stage != "autoencoder":
+            _need(self.run.eval_stride % k == 0 and self.run.eval_stride + 4 <= self.data.block_len,
+                  f"run.eval_stride={self.run.eval_stride} must be a multiple of K={k} and at most "
+                  f"data.block_len - 4 = {self.data.block_len - 4} (a 4-token BrierLM target)")
+
+    @property
+    def chunk_size(self) -> int:
+        """``K`` of this stage (1 for the token baseline)."""
+        return 1 if self.stage == "ar" else self.autoencoder.chunk_size
+
+    def model_sections(self) -> list[str]:
+        """Sections that define this stage's weights (they must match when resuming)."""
+        return {"autoencoder": ["autoencoder"], "calm": ["autoencoder", "calm"],
+                "ar": ["baseline"]}[self.stage]
+
+
+@dataclass
+class PipelineConfig:
+    """Autoencoder stage, then CALM on it, then BrierLM and a generated sample.
+
+    Attributes:
+        out_dir: Parent directory of the ``autoencoder/`` and ``calm/`` runs.
+        ae_stage: The autoencoder stage (its ``run.out_dir`` is replaced).
+        lm_stage: The CALM stage (``run.out_dir`` and ``autoencoder_path`` are replaced).
+        prompt: Prompt of the sample printed at the end.
+        sample_tokens: Tokens generated for it.
+        temperature: Sampling temperature in ``(0, 1]``.
+        eval_blocks: Validation blocks of the final BrierLM (at most).
+    """
+
+    out_dir: str = "runs/pipeline"
+    ae_stage: TrainConfig = field(default_factory=TrainConfig)
+    lm_stage: TrainConfig = field(
+        default_factory=lambda: TrainConfig(stage="calm", autoencoder_path="-")
+    )
+    prompt: str = "def "
+    sample_tokens: int = 64
+    temperature: float = 1.0
+    eval_blocks: int = 2048
+
+    def __post_init__(self) -> None:
+        _ints(self, 1, "sample_tokens", "eval_blocks")
+        _need(bool(self.prompt), "prompt must not be empty (the sample continues it)")
+        _interval(self, "temperature", 0, 1, "(]")
+
+
+# ------------------------------------------------------------------------------------ presets
+
+
+def _tiny(stage: str) -> TrainConfig:
+    """Trains on a 2-core CPU in minutes on the embedded standard-library corpus."""
+    backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704,
+                              max_seq_len=256)
+    lm = stage != "autoencoder"
+    return TrainConfig(
+        stage=stage,
+        autoencoder_path="-" if stage == "calm" else None,
+        data=DataConfig(vocab_size=2048, block_len=64, max_train_bytes=3_000_000,
+                        max_valid_bytes=300_000, tokenizer_train_bytes=3_000_000),
+        autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640,
+                                      random_token_prob=0.02),
+        calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2)),
+        baseline=backbone,
+        optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]),
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=100 if lm else 50),
+        run=RunConfig(out_dir=f"runs/tiny-{stage}", steps=3000 if lm else 400,
+                      batch_size=16 if lm else 32, eval_every=1000 if lm else 100,
+                      eval_batches=16 if lm else 4),
     )
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (with light coercion) and return it."""
-    label = path or "<root>"
-    if tp is Any or tp is object:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{label}: expected None, got {_show(value)}")
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{label}: expected {_type_name(tp)}, got None")
-        candidates = [a for a in args if a is not type(None)]
-        # An exact match wins (so `int | str` keeps 5 as an int and "5" as a str).
-        for arg in candidates:
-            if isinstance(arg, type) and typing.get_origin(arg) is None and type(value) is arg:
-                return value
-        for arg in candidates:
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{label}: expected {_type_name(tp)}, got {_show(value)}")
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if any(type(value) is type(a) and value == a for a in allowed):
-            return value
-        for option in allowed:  # "1" from the command line for Literal[1, 2]
-            if isinstance(value, str) and not isinstance(option, str) and str(option) == value:
-                return option
-        raise ConfigError(
-            f"{label}: expected one of {', '.join(repr(a) for a in allowed)}, got {_show(value)}"
-        )
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, Mapping):
-            return config_from_dict(tp, value, path=path)
-        raise ConfigError(f"{label}: expected a mapping for {tp.__name__}, got {_show(value)}")
-    if origin in (list, Sequence) or tp in (list, Sequence):
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):  # a single item given where a list is expected
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{label}: expected a list, got {_show(value)}")
-        return [_coerce(v, item_tp, f"{label}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple or tp is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"{label}: expected a list of {len(args) or 'any'} items, got {_show(value)}"
-            )
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{label}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{label}: expected {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(
-            _coerce(v, a, f"{label}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        args = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{label}: expected a mapping, got {_show(value)}")
-        return {
-            _coerce(k, args[0], label): _coerce(v, args[1], _join(path, k))
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS | _FALSE_STRINGS:
-            return value.strip().lower() in _TRUE_STRINGS
-        raise ConfigError(f"{label}: expected a bool (true/false), got {_show(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{label}: expected an int, got {_show(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ConfigError(f"{label}: expected an int, got {_show(value)}") from None
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{label}: expected an int, got {_show(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{label}: expected a float, got {_show(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{label}: expected a float, got {_show(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # `name: 2024` in YAML means the text "2024"
-        raise ConfigError(f"{label}: expected a str, got {_show(value)}")
-    if isinstance(tp, type) and issubclass(tp, Path):
-        if isinstance(value, (str, os.PathLike)):
-            return tp(value)
-        raise ConfigError(f"{label}: expected a path, got {_show(value)}")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        try:
-            return tp(value)
-        except ValueError:
-            if isinstance(value, str) and value in tp.__members__:
-                return tp[value]
-        valid = ", ".join(repr(m.value) for m in tp)
-        raise ConfigError(f"{label}: expected one of {valid}, got {_show(value)}")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"{label}: expected {_type_name(tp)}, got {_show(value)}")
-    return value  # unsupported annotation (e.g. a Callable): accept as is
+def _small(stage: str) -> TrainConfig:
+    """A few million parameters for CPU experiments on real English text (pass files)."""
+    cfg = _tiny(stage)
+    return replace(
+        cfg,
+        data=replace(cfg.data, vocab_size=4096, block_len=128, max_train_bytes=None,
+                     max_valid_bytes=None, tokenizer_train_bytes=20_000_000),
+        autoencoder=replace(cfg.autoencoder, vocab_size=4096),
+        run=replace(cfg.run, out_dir=f"runs/small-{stage}", eval_every=500,
+                    steps=3300 if stage == "autoencoder" else 3000),
+    )
 
 
-# ----------------------------------------------------------------------------------------------
-# dict <-> dataclass
-# ----------------------------------------------------------------------------------------------
+def _m(stage: str) -> TrainConfig:
+    """The CALM paper's M size (K=4, l=128; a GPU preset)."""
+    backbone = BackboneConfig(hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752,
+                              max_seq_len=2048)
+    return TrainConfig(
+        stage=stage,
+        autoencoder_path="-" if stage == "calm" else None,
+        data=DataConfig(vocab_size=32768, block_len=2048),
+        autoencoder=AutoencoderConfig(vocab_size=32768, num_token_layers=2, num_chunk_layers=2),
+        calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=1024, num_blocks=4)),
+        baseline=backbone,
+        optim=OptimConfig(lr=3e-4),
+        schedule=ScheduleConfig(kind="constant", warmup_steps=2000),
+        run=RunConfig(out_dir=f"runs/m-{stage}", steps=250_000, batch_size=8, grad_accum=8,
+                      eval_every=2000, eval_batches=32, save_every=2000),
+    )
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
-    """Build the dataclass ``cls`` (recursively) from a plain mapping, checking every value.
+#: The named presets: functions from a stage name to a :class:`TrainConfig`.
+PRESETS = {"tiny": _tiny, "small": _small, "m": _m}
 
-    Missing keys take the field's default; nested dataclass fields accept a mapping (or an
-    instance).  Values are checked against the annotations (``int``, ``float``, ``bool``,
-    ``str``, ``Path``, ``Optional[...]``/``X | None``, ``Literal[...]``, ``list[...]``,
-    ``tuple[...]``, ``dict[...]``, ``Enum`` and nested dataclasses) with light coercion:
-    an ``int`` is accepted for a ``float``, numeric strings such as ``"1e-3"`` are parsed,
-    ``"true"``/``"false"`` are accepted for a bool, a list for a tuple and a single string for a
-    list of strings.
+
+def preset(name: str, stage: str) -> TrainConfig:
+    """The named preset for a stage.
 
     Args:
-        cls: The dataclass type to build.
-        data: Mapping of field name to value (for example parsed YAML).
-        path: Dotted prefix used in error messages (the location of ``data`` in a larger
-            config); ``""`` for the root.
+        name: One of :data:`PRESETS`.
+        stage: One of :data:`STAGES`.
 
     Returns:
-        An instance of ``cls``.
+        A fresh :class:`TrainConfig`.
 
     Raises:
-        ConfigError: If ``data`` is not a mapping, holds an unknown key (the message names the
-            dotted path, suggests the closest field and lists the valid ones), misses a field
-            without default, or holds a value of the wrong type.
+        ConfigError: For an unknown name or stage.
 
     Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Optim:
-        ...     lr: float = 3e-4
-        ...     warmup_steps: int = 100
-        >>> config_from_dict(Optim, {"lr": "1e-3", "warmup_steps": 10})
-        Optim(lr=0.001, warmup_steps=10)
-        >>> config_from_dict(Optim, {"lrr": 1.0}, path="optim")
-        Traceback (most recent call last):
-        ...
-        calm_models.config.ConfigError: unknown field 'optim.lrr' (did you mean 'lr'?); valid fields of Optim: lr, warmup_steps
+        >>> preset("tiny", "ar").baseline.hidden_size
+        256
     """
-    if not _is_dataclass_type(cls):
-        raise TypeError(f"cls must be a dataclass type, got {cls!r}")
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{path or '<root>'}: expected a mapping for {cls.__name__}, got {_show(data)}"
-        )
-    hints = _type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields or not fields[key].init:
-            raise _unknown_field_error(cls, str(key), path)
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if not f.init:
-            continue
-        sub = _join(path, name)
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints.get(name, Any), sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required field {sub!r} of {cls.__name__}")
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {list(STAGES)}")
+    return PRESETS[name](stage)
+
+
+# ------------------------------------------------------------------------------------- loader
+
+
+def _one_line(exc: Exception) -> str:
+    key = getattr(exc, "full_key", None)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{key}: {text}" if key else text
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    """Instantiate the dataclass tree bottom-up so that a failed check names its dotted path."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        sub = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _build(hints[f.name], value, sub)
+        elif isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # e.g. a __post_init__ check
-        raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path + ': ' if path else ''}{_one_line(exc)}") from None
 
 
-def config_to_dict(cfg: Any) -> Any:
-    """Convert a config (dataclass tree) into plain JSON/YAML-friendly Python values.
-
-    Like :func:`dataclasses.asdict` but tuples become lists, ``Path`` becomes ``str`` and
-    enums become their value, so ``yaml.safe_dump`` and ``json.dumps`` accept the result and
-    :func:`config_from_dict` turns it back into an equal config.
-
-    Args:
-        cfg: A dataclass instance (or a mapping/list/scalar, converted recursively).
-
-    Returns:
-        Nested ``dict``/``list``/scalars.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Optim:
-        ...     betas: tuple[float, float] = (0.9, 0.95)
-        >>> config_to_dict(Optim())
-        {'betas': [0.9, 0.95]}
-    """
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, Mapping):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [config_to_dict(v) for v in cfg]
-    if isinstance(cfg, enum.Enum):
-        return config_to_dict(cfg.value)
-    if isinstance(cfg, os.PathLike):
-        return os.fspath(cfg)
-    return copy.deepcopy(cfg)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file into a dict.
-
-    Args:
-        path: File to read.  An empty YAML file gives ``{}``.
-
-    Returns:
-        The parsed mapping (not yet checked against any dataclass).
-
-    Raises:
-        ConfigError: One line naming the file when it does not exist, has an unsupported
-            suffix, cannot be parsed (with the line number when the parser gives one) or does
-            not hold a mapping at the top level.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "run.toml"
-        >>> _ = p.write_text('[optim]\\nlr = 1e-3\\n')
-        >>> load_config_file(p)
-        {'optim': {'lr': 0.001}}
-    """
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
+    suffix = path.suffix.lower()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in _CONFIG_SUFFIXES:
-        raise ConfigError(
-            f"unsupported config file type {suffix!r} for {path}; use one of {', '.join(_CONFIG_SUFFIXES)}"
-        )
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"unsupported config file type {suffix!r} for {path}; "
+                          "use .yaml, .yml or .toml")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if suffix == ".toml":
-        try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"cannot parse {path}: {exc}") from None
-    else:
-        try:
+        else:
+            import yaml
+
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"cannot parse {path}{where}: {problem}") from None
-        if data is None:
-            data = {}
+    except Exception as exc:  # OS, decoding, YAML and TOML parser errors
+        raise ConfigError(f"cannot parse {path}: {_one_line(exc)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a mapping at the top level")
     return data
 
 
-def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a config (dataclass or dict) to ``path`` as YAML, atomically.
-
-    The file is written to a temporary name next to ``path`` and renamed over it, so a crash
-    never leaves a half-written config.  ``config_from_dict(cls, load_config_file(path))``
-    gives back a config equal to ``cfg``.
+def load_config(
+    cls: type,
+    *,
+    preset: Any = None,
+    file: str | os.PathLike[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    data: dict[str, Any] | None = None,
+) -> Any:
+    """Resolve a configuration: defaults < preset < data < file < dotted overrides, then check it.
 
     Args:
-        cfg: Dataclass instance or plain mapping.
-        path: Destination (``.yaml``/``.yml`` recommended).
+        cls: The root dataclass, e.g. :class:`TrainConfig`.
+        preset: An instance of ``cls`` to start from instead of its defaults.
+        file: A YAML or TOML file holding any subset of the fields.
+        overrides: ``"dotted.key=value"`` strings (YAML values: ``optim.lr=3e-4``,
+            ``data.train_files=[a.jsonl,b.jsonl]``, ``data.tokenizer=null``).
+        data: A (partial) mapping merged before the file, e.g. a saved ``config.yaml``.
 
     Returns:
-        The path written.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = save_config({"optim": {"lr": 0.001}}, pathlib.Path(tempfile.mkdtemp()) / "c.yaml")
-        >>> print(p.read_text(), end="")
-        optim:
-          lr: 0.001
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Overrides and resolution
-# ----------------------------------------------------------------------------------------------
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    """``X | None`` -> ``X`` when exactly one non-None member remains."""
-    if _is_union(tp):
-        rest = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return tp
-
-
-def _accepts_plain_string(tp: Any) -> bool:
-    """True when the raw command-line text should be kept as a string (str / Path fields)."""
-    tp = _unwrap_optional(tp)
-    if tp is str or (isinstance(tp, type) and issubclass(tp, Path)):
-        return True
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    return False
-
-
-def _parse_override_value(raw: str, tp: Any, key: str) -> Any:
-    text = raw.strip()
-    if _accepts_plain_string(tp):
-        if (
-            text.lower() in ("null", "none", "~")
-            and _is_union(tp)
-            and type(None) in typing.get_args(tp)
-        ):
-            return None
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            return text[1:-1]
-        return text
-    try:
-        return yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"cannot parse the value of override {key}={raw}: {problem}") from None
-
-
-def _schema_lookup(cls: type, keys: list[str], full_key: str) -> Any:
-    """Return the annotation at the dotted ``keys`` inside dataclass ``cls``."""
-    tp: Any = cls
-    walked: list[str] = []
-    for key in keys:
-        inner = _unwrap_optional(tp)
-        if _is_dataclass_type(inner):
-            names = {f.name for f in dataclasses.fields(inner) if f.init}
-            if key not in names:
-                raise _unknown_field_error(inner, key, ".".join(walked))
-            tp = _type_hints(inner)[key]
-        elif typing.get_origin(inner) in (dict, Mapping) or inner in (dict, Mapping):
-            args = typing.get_args(inner) or (Any, Any)
-            tp = args[1]
-        elif inner is Any:
-            tp = Any
-        else:
-            raise ConfigError(
-                f"override {full_key!r}: {'.'.join(walked) or '<root>'} is of type "
-                f"{_type_name(inner)}, not a section with sub-fields"
-            )
-        walked.append(key)
-    return tp
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], cls: type) -> dict[str, Any]:
-    """Apply dotted ``key.sub=value`` overrides to a config mapping, checked against ``cls``.
-
-    The value is parsed as a YAML scalar or flow list/mapping (``optim.lr=3e-4``,
-    ``run.compile=true``, ``data.train_files=[a.jsonl,b.jsonl]``), except for string and path
-    fields whose raw text is kept (so ``run.name=123`` stays the string ``"123"``).  Each value
-    is type-checked immediately so that the error names the override.
-
-    Args:
-        data: Current config mapping (not modified).
-        overrides: ``"dotted.key=value"`` strings, applied in order.
-        cls: The root dataclass type describing the schema.
-
-    Returns:
-        A new nested dict with the overrides applied.
+        A checked instance of ``cls``.
 
     Raises:
-        ConfigError: For an override without ``=``, an unknown dotted path (with suggestion and
-            the valid fields), an unparsable or mistyped value.
+        ConfigError: One line naming the file or the dotted field: an unknown key (with a
+            suggestion), a value of the wrong type, a failed check.
 
     Example:
-        >>> from dataclasses import dataclass, field
-        >>> @dataclass
-        ... class Data:
-        ...     train_files: list[str] = field(default_factory=list)
-        >>> @dataclass
-        ... class Run:
-        ...     compile: bool = False
-        ...     data: Data = field(default_factory=Data)
-        >>> apply_overrides({}, ["compile=true", "data.train_files=[a.jsonl,b.jsonl]"], Run)
-        {'compile': True, 'data': {'train_files': ['a.jsonl', 'b.jsonl']}}
-    """
-    result: dict[str, Any] = copy.deepcopy(dict(data))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        keys = key.split(".")
-        if not key or any(not k for k in keys):
-            raise ConfigError(f"override {item!r} has an empty key")
-        tp = _schema_lookup(cls, keys, key)
-        value = _coerce(_parse_override_value(raw, tp, key), tp, key)
-        node = result
-        for k in keys[:-1]:
-            child = node.get(k)
-            if dataclasses.is_dataclass(child) and not isinstance(child, type):
-                child = config_to_dict(child)
-            if not isinstance(child, dict):
-                child = {}
-            node[k] = child
-            node = child
-        node[keys[-1]] = config_to_dict(value)
-    return result
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(dict(out[key]), value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _iter_dataclasses(obj: Any, path: str):
-    """Yield ``(path, instance)`` for every dataclass instance in a config tree (pre-order)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        yield path, obj
-        for f in dataclasses.fields(obj):
-            yield from _iter_dataclasses(getattr(obj, f.name), _join(path, f.name))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _iter_dataclasses(v, f"{path}[{i}]")
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _iter_dataclasses(v, _join(path, k))
-
-
-def validate_config(cfg: Any) -> None:
-    """Call ``validate()`` on every dataclass of the tree that defines it; report all problems.
-
-    A ``validate()`` method may raise ``ValueError``/``TypeError`` (its message is collected) or
-    return an iterable of problem strings (empty when fine).  It should check only its own
-    fields: nested sections are visited separately.
-
-    Args:
-        cfg: Root dataclass instance.
-
-    Raises:
-        ConfigError: ``invalid configuration: <path>: <problem>; ...`` listing every problem.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Optim:
-        ...     lr: float = 3e-4
-        ...     def validate(self):
-        ...         if self.lr <= 0:
-        ...             raise ValueError(f"lr must be > 0, got {self.lr}")
-        >>> validate_config(Optim(lr=-1.0))
+        >>> load_config(ScheduleConfig, overrides=["warmup_steps=-1"])
         Traceback (most recent call last):
         ...
-        calm_models.config.ConfigError: invalid configuration: lr must be > 0, got -1.0
+        calm_models.config.ConfigError: warmup_steps must be an int >= 0, got -1
     """
-    problems: list[str] = []
-    for path, obj in _iter_dataclasses(cfg, ""):
-        method = getattr(obj, "validate", None)
-        if not callable(method):
-            continue
-        prefix = f"{path}: " if path else ""
-        try:
-            result = method()
-        except (ValueError, TypeError) as exc:
-            problems.append(prefix + " ".join(str(exc).split()))
-            continue
-        if isinstance(result, (list, tuple, set)):  # a validate() may also return self
-            problems.extend(prefix + " ".join(str(p).split()) for p in result)
-    if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.structured(preset if preset is not None else cls)
+        for part in (data, _read_file(file) if file is not None else None):
+            if part is not None:
+                merged = OmegaConf.merge(merged, part)
+        bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like key.sub=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        plain = OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    return _build(cls, plain, "")
 
 
-def resolve_config(
-    cls: type[T],
-    *,
-    preset: Mapping[str, Any] | T | None = None,
-    file: str | os.PathLike[str] | None = None,
-    overrides: Sequence[str] = (),
-) -> T:
-    """Resolve a run configuration: defaults < preset < file < overrides, then validate.
-
-    Args:
-        cls: Root dataclass type.
-        preset: A config instance of ``cls`` or a (partial) mapping, e.g. the result of a named
-            preset function; ``None`` for the dataclass defaults.
-        file: Optional YAML/TOML file; its (partial) mapping is deep-merged over the preset.
-        overrides: Dotted ``key=value`` strings applied last (see :func:`apply_overrides`).
-
-    Returns:
-        The checked and validated ``cls`` instance.
-
-    Raises:
-        ConfigError: For any file, key, type or validation problem (one line, dotted path).
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config tree as plain JSON/YAML values (tuples become lists).
 
     Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Optim:
-        ...     lr: float = 3e-4
-        ...     warmup_steps: int = 100
-        >>> resolve_config(Optim, preset={"lr": 1e-3, "warmup_steps": 5}, overrides=["warmup_steps=7"])
-        Optim(lr=0.001, warmup_steps=7)
+        >>> config_to_dict(ScheduleConfig())
+        {'kind': 'constant', 'warmup_steps': 2000, 'min_lr_ratio': 0.1}
     """
-    data: dict[str, Any] = {}
-    if preset is not None:
-        if dataclasses.is_dataclass(preset) and not isinstance(preset, type):
-            if not isinstance(preset, cls):
-                raise ConfigError(
-                    f"preset is a {type(preset).__name__}, expected a {cls.__name__} or a mapping"
-                )
-            data = config_to_dict(preset)
-        elif isinstance(preset, Mapping):
-            data = config_to_dict(preset)
-        else:
-            raise ConfigError(f"preset must be a {cls.__name__} or a mapping, got {_show(preset)}")
-    if file is not None:
-        data = _deep_merge(data, load_config_file(file))
-    if overrides:
-        data = apply_overrides(data, list(overrides), cls)
-    cfg = config_from_dict(cls, data)
-    validate_config(cfg)
-    return cfg
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
 
 
-# ----------------------------------------------------------------------------------------------
-# Comparison
-# ----------------------------------------------------------------------------------------------
+def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a config as YAML, atomically; :func:`load_config` (``data=``) reads it back."""
+    import yaml
+
+    from calm_models._layers import atomic_write
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return atomic_write(Path(path), text.encode("utf-8"))
 
 
 def flatten_config(cfg: Any) -> dict[str, Any]:
-    """Flatten a config (dataclass or mapping) into ``{"dotted.path": leaf_value}``.
-
-    Lists and tuples are leaves (tuples become lists); an empty mapping is a leaf ``{}``.
-
-    Args:
-        cfg: Dataclass instance or nested mapping.
-
-    Returns:
-        Flat dict of dotted path to plain value.
+    """A config (dataclass or dict) as ``{"dotted.path": leaf}``.
 
     Example:
         >>> flatten_config({"model": {"hidden": 8, "betas": (0.9, 0.95)}, "seed": 0})
         {'model.hidden': 8, 'model.betas': [0.9, 0.95], 'seed': 0}
     """
-    out: dict[str, Any] = {}
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping) and node:
-            for k, v in node.items():
-                walk(v, _join(prefix, k))
-        else:
-            out[prefix] = node
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items()
+                    for k, v in walk(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+        return {prefix: node}
 
-    walk(config_to_dict(cfg), "")
-    return out
+    return walk(config_to_dict(cfg), "")
 
 
-def diff_configs(a: Any, b: Any, fields: Sequence[str] | None = None) -> list[str]:
-    """Dotted paths whose values differ between two configs (dataclasses or mappings).
-
-    A path present in only one of them counts as different.  Tuples and lists compare equal
-    when their items do (a YAML round trip turns tuples into lists).
+def diff_configs(a: Any, b: Any, sections: list[str] | None = None) -> list[str]:
+    """Dotted paths whose values differ between two configs (dataclasses or dicts).
 
     Args:
         a: First config.
         b: Second config.
-        fields: Optional dotted prefixes restricting the comparison (``["model"]`` compares
-            ``model`` and everything below it); ``None`` compares everything.
+        sections: Restrict to these top-level sections (``None``: everything).
 
     Returns:
-        Sorted list of differing dotted paths.
+        Sorted differing paths; a path present on one side only is not compared.
 
     Example:
         >>> diff_configs({"model": {"h": 8, "l": 2}, "lr": 1}, {"model": {"h": 16, "l": 2}, "lr": 2},
-        ...              fields=["model"])
+        ...              ["model"])
         ['model.h']
     """
     fa, fb = flatten_config(a), flatten_config(b)
-
-    def selected(path: str) -> bool:
-        if fields is None:
-            return True
-        return any(
-            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in fields
-        )
-
-    _missing = object()
-    diffs = []
-    for path in sorted(set(fa) | set(fb)):
-        if selected(path) and fa.get(path, _missing) != fb.get(path, _missing):
-            diffs.append(path)
-    return diffs
+    return sorted(p for p in fa.keys() & fb.keys()
+                  if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p])

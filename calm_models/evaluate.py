@@ -1,22 +1,20 @@
-"""BrierLM evaluation of CALM and of the token baseline, and the ``evaluate`` command.
+"""BrierLM with standard errors of any :class:`~calm_models.protocol.LanguageModel`, and the
+``evaluate`` command.
 
-Both model kinds are scored on the same token positions: ``s = stride, 2*stride, ...`` with
-``s + max_order <= L`` inside every evaluation block, where position ``s`` means "predict tokens
-``s .. s+max_order-1`` from tokens ``0 .. s-1``". With the default ``stride = 8`` every CALM with
-``K`` dividing 8 and every token model see exactly the same prefixes and targets.
+Every model is scored at the same token positions ``s = stride, 2*stride, ...`` of each block
+(``s + max_order <= L``): position ``s`` predicts tokens ``s .. s+max_order-1`` from tokens
+``0 .. s-1``. With the default ``stride = 8`` CALM with any ``K`` dividing 8 and every token
+model see the same prefixes and targets. Positions whose target reaches into the padding of
+the last block are not scored.
 
 Command line::
 
-    python -m calm_models.evaluate CHECKPOINT [--data FILE ...] [--batches N] [--out FILE.json]
-
-``CHECKPOINT`` is a run directory (its latest checkpoint is used) or a checkpoint directory.
-Without ``--data`` the validation split of the run's own data configuration is used.
+    python -m calm_models.evaluate RUN [--data FILE ...] [--batches N] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,26 +22,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calm_models.baseline import TokenLM
-from calm_models.model import CALM
+from calm_models._layers import atomic_write, to_json
+from calm_models.protocol import LanguageModel
 from likelihood_free.brier import BrierLM, BrierLMResult
 
-__all__ = ["evaluation_starts", "evaluate_brier_lm", "format_result", "main"]
+__all__ = ["evaluate_brier_lm", "evaluation_starts", "format_result", "main"]
 
 
 def evaluation_starts(length: int, stride: int, max_order: int = 4) -> torch.Tensor:
-    """Token indices ``s`` scored in a block of ``length`` tokens.
-
-    Args:
-        length: Block length ``L``.
-        stride: Spacing of the positions (a multiple of every CALM chunk size compared).
-        max_order: Target length.
-
-    Returns:
-        ``(P,)`` int64 tensor ``[stride, 2*stride, ...]`` with ``s + max_order <= L``.
-
-    Raises:
-        ValueError: If no position fits.
+    """Positions ``[stride, 2*stride, ...]`` with ``s + max_order <= length``, or a ``ValueError``.
 
     Example:
         >>> evaluation_starts(32, 8)
@@ -53,130 +40,136 @@ def evaluation_starts(length: int, stride: int, max_order: int = 4) -> torch.Ten
         raise ValueError(f"stride and max_order must be >= 1, got {stride}, {max_order}")
     starts = torch.arange(stride, length - max_order + 1, stride)
     if starts.numel() == 0:
-        raise ValueError(
-            f"no evaluation position fits a block of {length} tokens with stride {stride} and "
-            f"{max_order}-token targets (need length >= stride + max_order)"
-        )
+        raise ValueError(f"no evaluation position fits a block of {length} tokens with stride "
+                         f"{stride} and {max_order}-token targets (need length >= stride + max_order)")
     return starts
 
 
 @torch.no_grad()
 def evaluate_brier_lm(
-    model: CALM | TokenLM,
-    batches: Iterable[torch.Tensor],
+    model: LanguageModel,
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     *,
     stride: int = 8,
     max_order: int = 4,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> BrierLMResult:
-    """BrierLM with standard errors of a CALM or token model on token blocks.
+    """BrierLM with standard errors over all positions of all batches.
 
     Args:
-        model: A :class:`~calm_models.model.CALM` or :class:`~calm_models.baseline.TokenLM`.
-        batches: Token blocks ``(b, L)`` (on any device; moved to the model's).
-        stride: Position spacing (see :func:`evaluation_starts`); must be a multiple of a CALM
-            model's chunk size.
+        model: Any :class:`~calm_models.protocol.LanguageModel`.
+        batches: Token blocks ``(b, L)``, or ``(tokens, mask)`` pairs whose bool mask marks real
+            tokens (positions whose target holds padding are skipped).
+        stride: Position spacing, a multiple of the model's ``chunk_size``.
         max_order: Longest n-gram (4 for BrierLM).
         generator: Optional generator for the model's samples.
         progress: Show a progress bar.
 
-    Returns:
-        The :class:`~likelihood_free.brier.BrierLMResult` over all positions of all batches.
-
     Raises:
-        ValueError: If ``stride`` is not a multiple of the CALM chunk size.
+        ValueError: A stride that is not a multiple of the chunk size.
     """
-    if isinstance(model, CALM) and stride % model.chunk_size:
-        raise ValueError(
-            f"stride={stride} must be a multiple of the CALM chunk size {model.chunk_size}"
-        )
+    if stride % model.chunk_size:
+        raise ValueError(f"stride={stride} must be a multiple of the model's chunk size "
+                         f"{model.chunk_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     metric = BrierLM(max_order=max_order)
     try:
-        for tokens in tqdm(batches, desc="BrierLM", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="BrierLM", disable=not progress, leave=False):
+            tokens, mask = (batch, None) if isinstance(batch, torch.Tensor) else batch
             tokens = tokens.to(device)
             starts = evaluation_starts(tokens.shape[1], stride, max_order).to(device)
-            if isinstance(model, CALM):
-                est, _ = model.brier_estimates(
-                    tokens, max_order=max_order, generator=generator
-                )
-                est = est[:, (starts // model.chunk_size) - 1]  # calm starts are K, 2K, ...
-            else:
-                est = model.brier_estimates(
-                    tokens, max_order=max_order, positions=starts - 1, generator=generator
-                )
-            metric.update(est)
+            est = model.brier_estimates(tokens, starts, max_order=max_order, generator=generator)
+            keep = None
+            if mask is not None:
+                window = starts[:, None] + torch.arange(max_order, device=device)  # (P, n)
+                keep = mask.to(device)[:, window].all(-1)  # (b, P)
+            metric.update(est, mask=keep)
     finally:
         model.train(was_training)
     return metric.compute()
 
 
 def format_result(result: BrierLMResult, title: str = "") -> str:
-    """A small Markdown table of Brier-1..n and BrierLM with standard errors."""
-    lines = [title] if title else []
-    lines.append("| metric | value | std. error |")
-    lines.append("|---|---|---|")
-    for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), start=1):
-        lines.append(f"| Brier-{i} | {v:.4f} | {se:.4f} |")
-    lines.append(f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |")
-    lines.append(f"| positions | {result.count} | |")
+    """A Markdown table of Brier-1..n and BrierLM with standard errors."""
+    lines = ([title] if title else []) + ["| metric | value | std. error |", "|---|---|---|"]
+    lines += [f"| Brier-{i} | {v:.4f} | {se:.4f} |"
+              for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), 1)]
+    lines += [f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |",
+              f"| positions | {result.count} | |"]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m calm_models.evaluate``."""
-    from calm_models.data import DataError, PackedBlocks, read_documents
-    from calm_models.train import ModelLoadError, load_trained_model
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
-    parser = argparse.ArgumentParser(
-        prog="python -m calm_models.evaluate", description="BrierLM of a trained model."
-    )
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m calm_models.evaluate``; errors print one line and exit 2."""
+    from calm_models.data import DataError
+    from calm_models.runs import RunError, load_run
+
+    parser = argparse.ArgumentParser(prog="python -m calm_models.evaluate",
+                                     description="BrierLM of a trained model.")
     parser.add_argument("checkpoint", help="run directory or checkpoint directory")
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
-    parser.add_argument("--batches", type=int, default=0, help="max batches (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--block-len", type=int, default=0, help="default: the run's block_len")
-    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--batches", type=_non_negative, default=0, help="max batches (0: all)")
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--block-len", type=_non_negative, default=0,
+                        help="default: the run's block_len")
+    parser.add_argument("--stride", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="JSON output (default: next to checkpoint)")
+    parser.add_argument("--out", default=None, help="JSON output (default: in the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        loaded = load_trained_model(args.checkpoint, device=args.device)
-        model, cfg, tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        block_len = args.block_len or cfg.data.block_len
-        if args.data:
-            from calm_models.data import encode_documents
-
-            tokens, _ = encode_documents(tokenizer, read_documents(args.data))
-            blocks = PackedBlocks(tokens, block_len, getattr(model, "chunk_size", 1))
-        else:
-            blocks = loaded.valid_blocks(block_len)
-    except (ModelLoadError, DataError, OSError) as exc:
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise ValueError(f"--out: the folder {Path(args.out).parent} does not exist")
+        run = load_run(args.checkpoint, device=args.device)
+        if run.config.stage == "autoencoder":
+            raise ValueError(f"{args.checkpoint} is an autoencoder run; BrierLM scores a language "
+                             "model (use calm_models.robustness for an autoencoder)")
+        model, k = run.model, run.model.chunk_size
+        block_len = args.block_len or run.config.data.block_len
+        if block_len % k or block_len > model.max_tokens:
+            raise ValueError(f"--block-len must be a multiple of K={k} and at most the model's "
+                             f"{model.max_tokens} tokens, got {block_len}")
+        if args.stride % k:
+            raise ValueError(f"--stride must be a multiple of the chunk size K={k}, got {args.stride}")
+        evaluation_starts(block_len, args.stride)
+        blocks = run.blocks(args.data, block_len)
+    except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""),
+          file=sys.stderr)
     n = len(blocks)
     num_batches = -(-n // args.batch_size)
-    if args.batches:
-        num_batches = min(num_batches, args.batches)
+    num_batches = min(num_batches, args.batches) if args.batches else num_batches
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batches = (
-        blocks.get_batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size)))
-        for i in range(num_batches)
-    )
-    result = evaluate_brier_lm(
-        model, batches, stride=args.stride, generator=generator, progress=True
-    )
-    title = f"{loaded.kind} {args.checkpoint} on {', '.join(args.data) if args.data else 'validation split'}"
-    print(format_result(result, title))
-    out = Path(args.out) if args.out else loaded.checkpoint / "brier_lm.json"
-    payload = {"checkpoint": str(loaded.checkpoint), "data": args.data, "stride": args.stride,
-               "block_len": block_len, **result.to_dict()}
-    out.write_text(json.dumps(payload, indent=2))
+    batches = (blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size)))
+               for i in range(num_batches))
+    result = evaluate_brier_lm(model, batches, stride=args.stride, generator=generator,
+                               progress=True)
+    source = ", ".join(args.data) if args.data else "validation split"
+    print(format_result(result, f"{run.config.stage} {run.checkpoint} (step {run.step}) on {source}"))
+    out = Path(args.out) if args.out else run.checkpoint / "brier_lm.json"
+    atomic_write(out, to_json({"checkpoint": str(run.checkpoint), "step": run.step,
+                               "data": args.data, "stride": args.stride, "block_len": block_len,
+                               **result.to_dict()}, indent=2).encode())
     print(f"wrote {out}")
     return 0
 

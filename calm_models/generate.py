@@ -2,15 +2,14 @@
 
 Command line::
 
-    python -m calm_models.generate RUN_OR_CHECKPOINT --prompt "def main(" [--prompt ...]
-        [--max-new-tokens 64] [--temperature 1.0] [--sampler exact|batch]
-        [--num-candidates 200] [--seed 0] [--device auto]
+    python -m calm_models.generate RUN --prompt "def main(" [--prompt ...] [--max-new-tokens 64]
+        [--temperature 1.0] [--sampler exact|batch] [--num-candidates 200] [--seed 0]
 
-Several ``--prompt`` values are generated as one batch (prompts of different lengths are
-left-padded and masked). For CALM, a temperature below 1 is applied without logits through
-:mod:`likelihood_free`'s samplers: ``exact`` (rejection with a Bernoulli factory, exact for any
-``T`` in ``(0, 1]``) or ``batch`` (the batch approximation over ``--num-candidates`` head
-samples). The token baseline divides its logits by ``T``.
+Several ``--prompt`` values are generated as one batch. For CALM a temperature below 1 comes
+from :mod:`likelihood_free`'s samplers without logits: ``exact`` (rejection with a Bernoulli
+factory, exact for any ``T`` in ``(0, 1]``; draws that cannot be tempered within the sampler's
+budget fall back to untempered ones, and the command says how many) or ``batch`` (the batch
+approximation over ``--num-candidates`` head samples). The token baseline divides its logits.
 """
 
 from __future__ import annotations
@@ -18,59 +17,40 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
+
+from calm_models.protocol import Generation
 
 __all__ = ["generate_text", "main"]
 
 
-def generate_text(
-    loaded,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    sampler: str = "exact",
-    num_candidates: int = 200,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """Continuations of text prompts with a loaded model.
-
-    Args:
-        loaded: A :class:`calm_models.train.LoadedModel` (CALM or token baseline).
-        prompts: Prompt strings (non-empty after tokenisation).
-        max_new_tokens: Tokens to generate per prompt.
-        temperature: ``T`` in ``(0, 1]``.
-        sampler: CALM only: ``"exact"`` or ``"batch"``.
-        num_candidates: CALM batch sampler: head samples per step.
-        generator: Optional generator.
+def generate_text(run, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
+                  sampler: str = "exact", num_candidates: int = 200,
+                  generator: torch.Generator | None = None) -> tuple[list[str], Generation]:
+    """Continuations of text prompts with a :class:`~calm_models.runs.LoadedRun`.
 
     Returns:
-        The generated continuation of each prompt (prompt not included).
+        The decoded continuation of each prompt, and the model's
+        :class:`~calm_models.protocol.Generation` (ids, fallback count).
 
     Raises:
-        ValueError: On an empty prompt or invalid sampling arguments.
+        ValueError: An empty prompt or invalid sampling arguments.
     """
-    from calm_models.model import CALM
-
-    tok = loaded.tokenizer
-    device = next(loaded.model.parameters()).device
+    tok = run.tokenizer
+    device = next(run.model.parameters()).device
     ids = [torch.tensor(tok.encode(p), dtype=torch.long, device=device) for p in prompts]
     if any(t.numel() == 0 for t in ids):
-        raise ValueError("every prompt must contain at least one token")
-    if isinstance(loaded.model, CALM):
-        out = loaded.model.generate(ids, max_new_tokens, temperature=temperature, sampler=sampler,
-                                    num_candidates=num_candidates, eos_id=tok.eos_id,
-                                    generator=generator)
-    else:
-        out = loaded.model.generate(ids, max_new_tokens, temperature=temperature,
-                                    eos_id=tok.eos_id, generator=generator)
-    return [tok.decode(o.tolist()) for o in out]
+        raise ValueError("every --prompt must contain at least one token")
+    out = run.model.generate(ids, max_new_tokens, temperature=temperature, sampler=sampler,
+                             num_candidates=num_candidates, eos_id=tok.eos_id, generator=generator)
+    return [tok.decode(o) for o in out.tokens], out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m calm_models.generate``; errors print one line, exit 2."""
-    from calm_models.train import ModelLoadError, load_trained_model
+    """Entry point of ``python -m calm_models.generate``; errors print one line and exit 2."""
+    from calm_models.runs import RunError, load_run
 
     parser = argparse.ArgumentParser(prog="python -m calm_models.generate",
                                      description="Generate text from a trained run.")
@@ -84,23 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
-        loaded = load_trained_model(args.checkpoint, device=args.device)
-        if loaded.kind == "autoencoder":
-            raise ModelLoadError(f"{args.checkpoint} is an autoencoder run; it does not generate")
-        device = next(loaded.model.parameters()).device
+        run = load_run(args.checkpoint, device=args.device)
+        if run.config.stage == "autoencoder":
+            raise ValueError(f"{args.checkpoint} is an autoencoder run; it does not generate")
+        device = next(run.model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(args.seed)
         start = time.perf_counter()
-        texts = generate_text(loaded, args.prompt, args.max_new_tokens,
-                              temperature=args.temperature, sampler=args.sampler,
-                              num_candidates=args.num_candidates, generator=gen)
+        with warnings.catch_warnings():  # the fallback count is printed below, once
+            warnings.simplefilter("ignore")
+            texts, out = generate_text(run, args.prompt, args.max_new_tokens,
+                                       temperature=args.temperature, sampler=args.sampler,
+                                       num_candidates=args.num_candidates, generator=gen)
         seconds = time.perf_counter() - start
-    except (ModelLoadError, ValueError) as exc:
+    except (RunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for prompt, text in zip(args.prompt, texts, strict=True):
-        print(f"{prompt}{text}")
-        print("-" * 40)
-    print(f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s)", file=sys.stderr)
+        print(f"{prompt}{text}\n" + "-" * 40)
+    if out.fallbacks:
+        print(f"warning: {out.fallbacks} of {out.steps * len(texts)} sampled steps could not be "
+              f"tempered by the exact sampler at T={args.temperature:g} and are untempered draws; "
+              "use --sampler batch for low temperatures", file=sys.stderr)
+    print(f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s from "
+          f"{run.checkpoint.name})", file=sys.stderr)
     return 0
 
 

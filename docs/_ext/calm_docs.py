@@ -6,9 +6,8 @@
   name imported into the current module (``:class:`KVCache``` in ``calm_models.baseline``)
   resolves the same way.
 * ``.. generated-include:: _generated/results``: includes ``_generated/results.rst`` or, failing
-  that, ``_generated/results.md`` (a small Markdown subset converted to reST, see
-  :func:`markdown_to_rst`); when neither exists, the directive's own content is rendered instead,
-  so the page builds either way.
+  that, ``_generated/results.md`` (parsed by MyST); when neither exists, the directive's own
+  content is rendered instead, so the page builds either way.
 * ``.. command::`` shows a shell command (``python -m calm_models.X ...``) and, for
   ``sphinx.ext.doctest``, runs exactly that command in-process (``module.main(argv)``), so a
   following ``.. testoutput::`` block checks what it prints. What is shown is what is run.
@@ -20,6 +19,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -139,119 +139,18 @@ def _add_data(app: Sphinx, docname: str, source: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Markdown subset -> reST
+# Generated results: an .rst file, else a Markdown file (parsed by MyST), else a placeholder
 # ----------------------------------------------------------------------------------------------
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_FENCE = re.compile(r"^(```|~~~)\s*([\w+-]*)\s*$")
-_IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)\s*$")
-_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-_LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)])\s+")
-_UNDERLINES = "-~^\"'`"
-
-
-def _inline(text: str) -> str:
-    """Markdown inline markup -> reST (code, links, emphasis; stray reST markup escaped)."""
-    out: list[str] = []
-    # Code spans and links are converted whole; only the text between them is escaped.
-    for k, piece in enumerate(re.split(r"(`[^`]+`|\[[^\]]+\]\([^)\s]+\))", text)):
-        if k % 2 and piece.startswith("`"):
-            out.append(f"``{piece[1:-1]}``")
-            continue
-        if k % 2:
-            label, url = re.match(r"\[([^\]]+)\]\(([^)\s]+)\)", piece).groups()
-            out.append(f"`{_escape(label)} <{url}>`__")
-            continue
-        out.append(_escape(piece))
-    return "".join(out)
-
-
-def _escape(text: str) -> str:
-    text = re.sub(r"(?<![\w*])__(\S.*?\S|\S)__(?![\w*])", r"**\1**", text)  # __bold__
-    text = text.replace("\\|", "|").replace("|", "\\|")  # |x| would be a substitution
-    return re.sub(r"(\w)_(?=\W|$)", r"\1\\_", text)  # `name_` would be a reference
-
-
-def _table(rows: list[str]) -> list[str]:
-    cells = []
-    for row in rows:
-        row = row.strip()
-        row = row[1:] if row.startswith("|") else row
-        row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
-        cells.append([c.strip() for c in re.split(r"(?<!\\)\|", row)])
-    width = len(cells[0])  # the header's; an unescaped | in a cell is kept as text
-    out = [".. list-table::", "   :header-rows: 1", ""]
-    for row in cells:
-        row = row[: width - 1] + [" | ".join(row[width - 1 :])] if len(row) > width else row
-        row = row + [""] * (width - len(row))
-        for j, cell in enumerate(row):
-            bullet = "   * -" if j == 0 else "     -"
-            out.append(f"{bullet} {_inline(cell)}" if cell else bullet)
-    return out + [""]
-
-
-def markdown_to_rst(text: str, image_root: str = "/_generated") -> str:
-    """Convert the Markdown subset used for result pages to reStructuredText.
-
-    Supported: ATX headings (the shallowest level present becomes ``-`` underlines, then ``~``,
-    ``^``...), pipe tables (as ``list-table``), fenced code blocks, images alone on a line
-    (relative paths are taken relative to ``image_root``, a docs-root absolute path), inline
-    code, links, bold and italics, bullet and numbered lists, paragraphs and HTML comments
-    (dropped).
-    """
-    lines = text.replace("\r\n", "\n").split("\n")
-    text_no_comments = re.sub(r"<!--.*?-->", "", "\n".join(lines), flags=re.DOTALL)
-    lines = text_no_comments.split("\n")
-    levels = sorted({len(m.group(1)) for ln in lines if (m := _HEADING.match(ln))})
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        fence = _FENCE.match(line)
-        if fence:
-            lang = fence.group(2) or "text"
-            body = []
-            i += 1
-            while i < len(lines) and not lines[i].startswith(fence.group(1)):
-                body.append(lines[i])
-                i += 1
-            i += 1  # closing fence
-            out += ["", f".. code-block:: {lang}", ""] + [f"   {b}" if b else "" for b in body]
-            out.append("")
-            continue
-        heading = _HEADING.match(line)
-        if heading:
-            title = _inline(heading.group(2))
-            char = _UNDERLINES[min(levels.index(len(heading.group(1))), len(_UNDERLINES) - 1)]
-            out += ["", title, char * max(len(title), 3), ""]
-            i += 1
-            continue
-        if line.lstrip().startswith("|") and i + 1 < len(lines) and _TABLE_RULE.match(lines[i + 1]):
-            rows = [line]
-            i += 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                rows.append(lines[i])
-                i += 1
-            out += [""] + _table(rows)
-            continue
-        image = _IMAGE.match(line.strip())
-        if image:
-            alt, src = image.groups()
-            if not re.match(r"^(/|[a-z]+://)", src):
-                src = f"{image_root.rstrip('/')}/{src}"
-            out += ["", f".. image:: {src}", f"   :alt: {alt}", ""]
-            i += 1
-            continue
-        if _LIST_ITEM.match(line) and out and out[-1].strip() and not _LIST_ITEM.match(out[-1]):
-            if not out[-1].startswith(" "):
-                out.append("")
-        out.append(_inline(line))
-        i += 1
-    return "\n".join(out).strip("\n") + "\n"
+_IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()(?![a-z]+:|/)")
 
 
 class GeneratedInclude(SphinxDirective):
-    """Include ``ARG.rst``, else ``ARG.md`` (converted), else render the directive's content."""
+    """Include ``ARG.rst``, else ``ARG.md`` (with MyST), else render the directive's content.
+
+    Image paths of the Markdown file are relative to it; they are rewritten relative to the
+    including page, because Sphinx resolves included images from there.
+    """
 
     required_arguments = 1
     has_content = True
@@ -260,16 +159,23 @@ class GeneratedInclude(SphinxDirective):
         base = self.env.relfn2path(self.arguments[0], self.env.docname)[1]
         rst, md = Path(base + ".rst"), Path(base + ".md")
         if rst.is_file():
-            source, text = str(rst), rst.read_text(encoding="utf-8")
+            self.env.note_dependency(str(rst))
+            lines = rst.read_text(encoding="utf-8").splitlines()
+            source = str(rst)
         elif md.is_file():
-            root = "/" + Path(self.arguments[0]).parent.as_posix().lstrip("/")
-            source, text = str(md), markdown_to_rst(md.read_text(encoding="utf-8"), image_root=root)
+            self.env.note_dependency(str(md))
+            prefix = Path(self.arguments[0]).parent.as_posix() + "/"
+            copy = Path(self.env.app.doctreedir) / "generated-include" / md.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(_IMAGE_LINK.sub(rf"\g<1>{prefix}", md.read_text(encoding="utf-8")),
+                            encoding="utf-8")
+            source = self.get_source_info()[0]
+            relative = os.path.relpath(copy, Path(source).parent)  # "/x" means srcdir/x here
+            lines = [f".. include:: {relative}", "   :parser: myst_parser.sphinx_"]
         else:  # no generated file yet: the placeholder written in the page
-            source, text = self.get_source_info()[0], "\n".join(self.content)
-        if source != self.get_source_info()[0]:
-            self.env.note_dependency(source)
+            lines, source = list(self.content), self.get_source_info()[0]
         # Like `.. include::`: the lines go into the page's input, so they may hold sections.
-        self.state_machine.insert_input(text.splitlines() + [""], source)
+        self.state_machine.insert_input(lines + [""], source)
         return []
 
 
@@ -327,6 +233,7 @@ class Command(SphinxDirective):
 
 def setup(app: Sphinx) -> dict[str, Any]:
     app.setup_extension("sphinx.ext.autodoc")  # for the autodoc-skip-member event
+    app.setup_extension("myst_parser")  # Markdown results
     app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("source-read", _add_data)

@@ -77,8 +77,6 @@ def test_rmsnorm_matches_formula_and_keeps_dtype():
     yb = norm(xb)
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), expected, atol=0.05, rtol=0.02)
-    with pytest.raises(ValueError, match="last axis 6"):
-        norm(torch.zeros(2, 5))
 
 
 def test_swiglu_matches_formula():
@@ -91,29 +89,26 @@ def test_swiglu_matches_formula():
 
 # ---------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
-    ("field", "value", "error"),
+    ("field", "value"),
     [
-        ("vocab_size", 0, ValueError),
-        ("chunk_size", 0, ValueError),
-        ("latent_size", -1, ValueError),
-        ("hidden_size", 2.5, TypeError),
-        ("intermediate_size", 0, ValueError),
-        ("num_token_layers", -1, ValueError),
-        ("num_chunk_layers", True, TypeError),
-        ("kl_weight", -1e-3, ValueError),
-        ("kl_clamp", math.inf, ValueError),
-        ("mask_prob", 1.0, ValueError),
-        ("latent_dropout", -0.1, ValueError),
-        ("init_std", 0.0, ValueError),
-        ("norm_eps", "1e-6", TypeError),
+        ("vocab_size", 0),
+        ("chunk_size", 0),
+        ("latent_size", -1),
+        ("hidden_size", 2.5),
+        ("intermediate_size", 0),
+        ("num_token_layers", -1),
+        ("num_chunk_layers", True),
+        ("kl_weight", -1e-3),
+        ("kl_clamp", math.inf),
+        ("mask_prob", 1.0),
+        ("latent_dropout", -0.1),
+        ("init_std", 0.0),
+        ("norm_eps", "1e-6"),
     ],
 )
-def test_config_validate_names_the_field(field, value, error):
-    cfg = AutoencoderConfig(**{"vocab_size": V, field: value})
-    with pytest.raises(error, match=f"AutoencoderConfig.{field}"):
-        cfg.validate()
-    with pytest.raises(error, match=field):
-        Autoencoder(cfg)
+def test_config_validate_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        AutoencoderConfig(**{"vocab_size": V, field: value})
 
 
 @pytest.mark.parametrize(
@@ -127,15 +122,15 @@ def test_config_validate_names_the_field(field, value, error):
 def test_num_parameters_matches_module(overrides):
     ae = _tiny(**overrides)
     counted = sum(p.numel() for p in ae.parameters())
-    assert ae.num_parameters() == counted == ae.config.num_parameters()
+    assert ae.num_parameters() == counted
     assert ae.num_parameters(include_embedding=False) == counted - V * H
-    assert ae.config.num_parameters(include_embedding=False) == counted - V * H
 
 
 def test_paper_sized_config_has_75m_parameters():
     cfg = AutoencoderConfig(vocab_size=128_256)  # Llama-3 tokenizer, as in the paper
     assert cfg.ffn_size == 1280
-    assert 74e6 < cfg.num_parameters() < 77e6
+    with torch.device("meta"):
+        assert 74e6 < Autoencoder(cfg).num_parameters() < 77e6
 
 
 # ---------------------------------------------------------------------------- shapes and errors
@@ -178,25 +173,25 @@ def test_batch_and_chunk_independence(shared_ae, batch, chunks, seed):
 
 def test_input_errors_name_the_argument():
     ae = _tiny()
-    with pytest.raises(ValueError, match=r"L=10 must be a multiple of chunk_size K=4"):
+    with pytest.raises(ValueError, match=r"tokens must have shape \(\*b, L\) with L a multiple of 4"):
         ae.encode(_tokens(2, 10))
-    with pytest.raises(ValueError, match="L=6"):
+    with pytest.raises(ValueError, match=r"got \(6,\)"):
         ae.loss(_tokens(6))
-    with pytest.raises(ValueError, match="L=5"):
+    with pytest.raises(ValueError, match=r"got \(5,\)"):
         ae.sample_posterior(_tokens(5), 2)
-    with pytest.raises(TypeError, match="integer dtype"):
+    with pytest.raises(TypeError, match="integer tensor"):
         ae.encode(torch.zeros(2, 8))
-    with pytest.raises(ValueError, match=r"ids in \[0, vocab_size=64\), got min 0, max 64"):
+    with pytest.raises(ValueError, match=r"ids in \[0, 64\), got 64 at position 3"):
         ae.encode(torch.tensor([0, 1, 2, 64]))
-    with pytest.raises(ValueError, match="got min -1"):
+    with pytest.raises(ValueError, match="got -1"):
         ae.loss(torch.tensor([0, 1, 2, -1]))
-    with pytest.raises(ValueError, match="0-d"):
+    with pytest.raises(ValueError, match=r"got \(\)"):
         ae.encode(torch.tensor(3))
     with pytest.raises(ValueError, match="latent_size=16"):
         ae.decode(torch.zeros(2, 3, 15))
-    with pytest.raises(ValueError, match=r"\(\*batch, C, latent_size"):
+    with pytest.raises(ValueError, match=r"\(\*b, C, latent_size"):
         ae.decode(torch.zeros(16))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(ValueError, match="float tensor"):
         ae.decode(torch.zeros(2, 1, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="num_samples"):
         ae.sample_posterior(_tokens(8), 0)
@@ -221,7 +216,6 @@ def test_int32_and_uint8_tokens_are_accepted():
 # ---------------------------------------------------------------------------- tied output layer
 def test_output_layer_is_tied_to_embedding():
     ae = _tiny()
-    assert ae.output_weight is ae.embedding.weight
     # one V x H matrix in the parameters and the state dict (safetensors-friendly)
     vh = [n for n, p in ae.named_parameters() if p.shape == (V, H)]
     assert vh == ["embedding.weight"]
@@ -561,7 +555,7 @@ def test_random_tokens_teach_ids_the_corpus_never_contains():
 
 def test_random_token_prob_is_validated_and_off_in_eval_mode():
     with pytest.raises(ValueError, match="random_token_prob"):
-        AutoencoderConfig(vocab_size=V, random_token_prob=1.0).validate()
+        AutoencoderConfig(vocab_size=V, random_token_prob=1.0)
     ae = _tiny(seed=0, random_token_prob=0.5).eval()
     data = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(6))
     plain = _tiny(seed=0).eval()

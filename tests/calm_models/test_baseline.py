@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
-from calm_models.backbone import BackboneConfig, backbone_flops_per_token
+from calm_models.backbone import BackboneConfig
 from calm_models.baseline import TokenLM, TokenLMConfig
+from calm_models.flops import backbone_flops
 
 
 def _model(vocab: int = 13, seed: int = 0, dtype=torch.float64, **overrides) -> TokenLM:
@@ -81,23 +82,22 @@ def test_loss_decreases_on_synthetic_task():
 def test_flops_per_token():
     model = _model(vocab=100)
     bcfg = model.cfg.backbone
-    inference = backbone_flops_per_token(bcfg, 20) + 2 * 32 * 100
-    assert model.flops_per_token(20, mode="inference") == inference
-    assert model.flops_per_token(20) == 3 * inference
-    with pytest.raises(ValueError, match="train"):
-        model.flops_per_token(20, mode="backward")
+    inference = backbone_flops(bcfg, 20) + 2 * 32 * 100
+    assert model.flops_per_token(20) == {"train": 3 * inference, "inference": inference}
 
 
 def test_input_errors():
     model = _model()
     with pytest.raises(TypeError, match="integer"):
         model(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"shape \(b, L\)"):
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="L >= 2"):
         model.loss(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids in \[0, 13\), got 13 at position \(1, 0\)"):
+        model.loss(torch.tensor([[1, 2], [13, 0]]))
     with pytest.raises(ValueError, match="vocab_size"):
-        TokenLMConfig(1, BackboneConfig()).validate()
+        TokenLMConfig(1, BackboneConfig())
 
 
 # ----------------------------------------------------------------------------- generation
@@ -115,33 +115,33 @@ def _prompts(vocab: int = 13) -> list[torch.Tensor]:
 def test_cached_and_uncached_generation_agree(temperature, top_k, eos_id):
     model = _model()
     kw = dict(temperature=temperature, top_k=top_k, eos_id=eos_id)
-    cached = model.generate(_prompts(), 12, generator=_gen(5), **kw)
-    uncached = model.generate(_prompts(), 12, generator=_gen(5), use_cache=False, **kw)
+    cached = model.generate(_prompts(), 12, generator=_gen(5), **kw).tokens
+    uncached = model.generate(_prompts(), 12, generator=_gen(5), use_cache=False, **kw).tokens
     assert len(cached) == len(PROMPT_LENGTHS)
     for a, b in zip(cached, uncached, strict=True):
         assert a.dtype == torch.long and torch.equal(a, b)
     if temperature > 0:  # sampling really is random: another seed changes something
-        other = model.generate(_prompts(), 12, generator=_gen(6), **kw)
+        other = model.generate(_prompts(), 12, generator=_gen(6), **kw).tokens
         assert any(not torch.equal(a, b) for a, b in zip(cached, other, strict=True))
 
 
 def test_batched_prompts_equal_each_alone_greedy():
     model = _model()
-    batched = model.generate(_prompts(), 10, temperature=0.0)
+    batched = model.generate(_prompts(), 10, temperature=0.0).tokens
     for prompt, row in zip(_prompts(), batched, strict=True):
-        (alone,) = model.generate([prompt], 10, temperature=0.0)
+        (alone,) = model.generate([prompt], 10, temperature=0.0).tokens
         assert row.shape == (10,) and torch.equal(row, alone)
     # a (b, t) tensor of prompts is accepted as well
     square = torch.stack([p[:1] for p in _prompts()])
-    out = model.generate(square, 4, temperature=0.0)
+    out = model.generate(square, 4, temperature=0.0).tokens
     for prompt, row in zip(_prompts(), out, strict=True):
-        assert torch.equal(row, model.generate([prompt[:1]], 4, temperature=0.0)[0])
+        assert torch.equal(row, model.generate([prompt[:1]], 4, temperature=0.0).tokens[0])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_eos_stops_each_row(temperature):
     model = _model()
-    free = model.generate(_prompts(), 12, temperature=temperature, generator=_gen(2))
+    free = model.generate(_prompts(), 12, temperature=temperature, generator=_gen(2)).tokens
     # pick as EOS the token row 0 emits at step 2 (its first occurrence cuts row 0 there)
     eos = int(free[0][2])
 
@@ -151,7 +151,9 @@ def test_eos_stops_each_row(temperature):
 
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
-    stopped = model.generate(_prompts(), 12, temperature=temperature, generator=_gen(2), eos_id=eos)
+    stopped = model.generate(
+        _prompts(), 12, temperature=temperature, generator=_gen(2), eos_id=eos
+    ).tokens
     handle.remove()
     for a, b in zip(free, stopped, strict=True):
         assert torch.equal(cut(a), b)
@@ -173,11 +175,11 @@ def test_generate_errors():
         model.generate(_prompts(), 3, top_k=14)
     with pytest.raises(ValueError, match="eos_id"):
         model.generate(_prompts(), 3, eos_id=13)
-    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+    with pytest.raises(ValueError, match="every prompt must hold at least one token"):
         model.generate([torch.tensor([1]), torch.tensor([], dtype=torch.long)], 3)
     with pytest.raises(TypeError, match=r"prompts\[0\]"):
         model.generate([torch.tensor([1.0])], 3)
-    with pytest.raises(ValueError, match="prompts must lie"):
+    with pytest.raises(ValueError, match=r"prompts\[0\] must hold ids in \[0, 13\), got 13"):
         model.generate([torch.tensor([13])], 3)
 
 
@@ -192,13 +194,13 @@ def _brute_prob(model: TokenLM, prefix: torch.Tensor, cont: torch.Tensor) -> tor
     return torch.stack(probs, -1).cumprod(-1)
 
 
-@pytest.mark.parametrize(("max_order", "positions"), [(4, None), (3, [0, 2, 5]), (1, [4])])
+@pytest.mark.parametrize(("max_order", "positions"), [(4, None), (3, [1, 3, 6]), (1, [5])])
 def test_brier_terms_equal_brute_force(max_order, positions):
     model = _model(vocab=11)
     tokens = _tokens(11, 2, 10, seed=3)
     pos = None if positions is None else torch.tensor(positions)
     terms = model.brier_terms(tokens, max_order=max_order, positions=pos, generator=_gen(0))
-    pos_list = list(range(10 - max_order)) if positions is None else positions
+    pos_list = list(range(10 - max_order)) if positions is None else [p - 1 for p in positions]
     assert terms.target_prob.shape == (2, len(pos_list), max_order)
     with torch.no_grad():
         for i, t in enumerate(pos_list):
@@ -221,14 +223,14 @@ def test_brier_terms_equal_brute_force(max_order, positions):
 def test_batched_and_loop_reference_agree_with_same_seed():
     model = _model(vocab=11)
     tokens = _tokens(11, 3, 12, seed=4)
-    pos = torch.tensor([7, 1, 4])  # unsorted on purpose
+    pos = torch.tensor([8, 2, 5])  # unsorted on purpose
     a = model.brier_terms(tokens, positions=pos, generator=_gen(9))
     b = model.brier_terms(tokens, positions=pos, generator=_gen(9), method="loop")
     assert torch.equal(a.samples, b.samples)
     torch.testing.assert_close(a.target_prob, b.target_prob, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.sample_prob, b.sample_prob, atol=1e-5, rtol=0)
     torch.testing.assert_close(
-        model.brier_estimates_loop(tokens, positions=pos, generator=_gen(9)),
+        model.brier_estimates(tokens, positions=pos, generator=_gen(9), method="loop"),
         model.brier_estimates(tokens, positions=pos, generator=_gen(9)),
         atol=1e-5,
         rtol=0,
@@ -270,15 +272,15 @@ def test_brier_estimates_are_unbiased():
 def test_brier_argument_errors():
     model = _model()
     tokens = _tokens(13, 2, 8)
-    with pytest.raises(ValueError, match="L > max_order"):
+    with pytest.raises(ValueError, match="positions must be a non-empty"):
         model.brier_estimates(tokens[:, :4])
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        model.brier_estimates(tokens, positions=torch.tensor([4]))
-    with pytest.raises(TypeError, match="positions"):
+    with pytest.raises(ValueError, match=r"in \[1, 4\]"):
+        model.brier_estimates(tokens, positions=torch.tensor([5]))
+    with pytest.raises(ValueError, match="positions"):
         model.brier_estimates(tokens, positions=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="batched"):
         model.brier_estimates(tokens, method="vectorised")
     with pytest.raises(ValueError, match="max_order"):
         model.brier_estimates(tokens, max_order=0)
-    with pytest.raises(ValueError, match="tokens must lie"):
+    with pytest.raises(ValueError, match="tokens must hold ids"):
         model.brier_estimates(tokens + 13)

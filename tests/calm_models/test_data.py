@@ -343,7 +343,7 @@ def test_packed_blocks_lose_and_duplicate_nothing(n, chunk, mult):
     flat = everything.reshape(-1)
     assert torch.equal(flat[:n], torch.from_numpy(tokens.astype(np.int64)))
     assert (flat[n:] == 0).all()
-    mask = blocks.token_mask(torch.arange(len(blocks))).reshape(-1)
+    mask = blocks.batch(torch.arange(len(blocks))).mask.reshape(-1)
     assert mask[:n].all() and not mask[n:].any()
     perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(n))
     assert torch.equal(blocks.get_batch(perm), everything[perm])
@@ -378,19 +378,19 @@ def test_loader_is_deterministic_and_covers_each_epoch_without_repeats():
     blocks = _blocks()
     a, b = BlockLoader(blocks, 5, seed=3), BlockLoader(blocks, 5, seed=3)
     assert a.steps_per_epoch == 4
-    rows_a = [_row_ids(next(a)) for _ in range(12)]
-    rows_b = [_row_ids(next(b)) for _ in range(12)]
+    rows_a = [_row_ids(next(a).tokens) for _ in range(12)]
+    rows_b = [_row_ids(next(b).tokens) for _ in range(12)]
     assert all(torch.equal(x, y) for x, y in zip(rows_a, rows_b, strict=True))
     for epoch in range(3):
         seen = torch.cat(rows_a[4 * epoch : 4 * epoch + 4])
         assert len(seen.unique()) == 20  # 4 full steps; the 3 leftover blocks are skipped
     assert not torch.equal(torch.cat(rows_a[:4]), torch.cat(rows_a[4:8]))  # reshuffled
     other = BlockLoader(blocks, 5, seed=4)
-    other_rows = torch.cat([_row_ids(next(other)) for _ in range(4)])
+    other_rows = torch.cat([_row_ids(next(other).tokens) for _ in range(4)])
     assert not torch.equal(other_rows, torch.cat(rows_a[:4]))
     ordered = BlockLoader(blocks, 5, seed=0, shuffle=False)
-    assert torch.equal(torch.cat([_row_ids(next(ordered)) for _ in range(4)]), torch.arange(20))
-    assert a.epoch == 2 and a.step_in_epoch == 4
+    assert torch.equal(torch.cat([_row_ids(next(ordered).tokens) for _ in range(4)]), torch.arange(20))
+    assert a.epoch == 2 and a.offset == 20
 
 
 def test_loader_sharding_matches_a_single_process():
@@ -399,13 +399,13 @@ def test_loader_sharding_matches_a_single_process():
     ranks = [BlockLoader(blocks, 3, seed=11, rank=r, world_size=2) for r in range(2)]
     assert single.steps_per_epoch == ranks[0].steps_per_epoch == 6
     for _ in range(15):  # crosses two epoch boundaries
-        assert torch.equal(torch.cat([next(r) for r in ranks]), next(single))
+        assert torch.equal(torch.cat([next(r).tokens for r in ranks]), next(single).tokens)
 
 
 def test_loader_resumes_exactly():
     blocks = _blocks()
     reference = BlockLoader(blocks, 4, seed=7)
-    batches = [next(reference) for _ in range(13)]
+    batches = [next(reference).tokens for _ in range(13)]
     for cut in (0, 3, 5, 10):  # 5 is exactly the end of epoch 0
         loader = BlockLoader(blocks, 4, seed=7)
         for _ in range(cut):
@@ -413,19 +413,23 @@ def test_loader_resumes_exactly():
         state = json.loads(json.dumps(loader.state_dict()))  # survives serialisation
         resumed = BlockLoader(blocks, 4, seed=7)
         resumed.load_state_dict(state)
-        assert all(torch.equal(next(resumed), batches[i]) for i in range(cut, 13))
+        assert all(torch.equal(next(resumed).tokens, batches[i]) for i in range(cut, 13))
     # A 2-rank run may resume a 1-rank run with the same global batch.
     loader = BlockLoader(blocks, 4, seed=7)
-    for _ in range(6):
+    for _ in range(3):
         next(loader)
     halves = [BlockLoader(blocks, 2, seed=7, rank=r, world_size=2) for r in range(2)]
     for h in halves:
         h.load_state_dict(loader.state_dict())
-    assert torch.equal(torch.cat([next(h) for h in halves]), batches[6])
+    assert torch.equal(torch.cat([next(h).tokens for h in halves]), batches[3])
+    # Another global batch size resumes at the same block of the same epoch.
+    smaller = BlockLoader(blocks, 2, seed=7)
+    smaller.load_state_dict(loader.state_dict())
+    assert torch.equal(torch.cat([next(smaller).tokens, next(smaller).tokens]), batches[3])
     with pytest.raises(ValueError, match="seed"):
         BlockLoader(blocks, 4, seed=8).load_state_dict(loader.state_dict())
-    with pytest.raises(ValueError, match="global_batch_size"):
-        BlockLoader(blocks, 2, seed=7).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockLoader(_blocks(30), 4, seed=7).load_state_dict(loader.state_dict())
 
 
 def test_loader_errors():
@@ -471,9 +475,9 @@ def test_stdlib_split_with_fake_root(tmp_path):
 
 
 def test_config_validation_names_fields():
-    DataConfig().validate(chunk_size=4)
+    DataConfig()
     cases = [
-        (dict(block_len=250), "block_len"),
+        (dict(block_len=0), "block_len"),
         (dict(train_files="a.txt"), "train_files"),
         (dict(vocab_size=10), "vocab_size"),
         (dict(max_train_bytes=0), "max_train_bytes"),
@@ -482,13 +486,10 @@ def test_config_validation_names_fields():
         (dict(errors="ignore"), "errors"),
     ]
     for kwargs, name in cases:
-        with pytest.raises(DataError, match=name):
-            DataConfig(**kwargs).validate(chunk_size=4)
-    with pytest.raises(DataError, match="chunk_size"):
-        DataConfig().validate(chunk_size=0)
-    DataConfig(block_len=250).validate()  # without a chunk size only positivity is checked
-    with pytest.raises(DataError, match="block_len: expected a positive int"):
-        DataConfig(block_len=0).validate()
+        with pytest.raises(ValueError, match=name):
+            DataConfig(**kwargs)
+    with pytest.raises(DataError, match="block_len: expected a positive multiple of chunk_size=4"):
+        prepare_data(DataConfig(block_len=250), "unused", chunk_size=4)
 
 
 def test_prepare_data_with_files_and_holdout(tmp_path):

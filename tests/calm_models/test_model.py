@@ -46,7 +46,7 @@ def test_autoencoder_is_frozen_and_stays_in_eval_mode():
     model.train()
     assert not model.autoencoder.training
     assert all(not p.requires_grad for p in model.autoencoder.parameters())
-    names = {id(p) for p in model.trainable_parameters()}
+    names = {id(p) for p in model.parameters() if p.requires_grad}
     assert not any(id(p) in names for p in model.autoencoder.parameters())
 
 
@@ -65,7 +65,7 @@ def test_energy_loss_decreases_when_next_chunk_is_a_function_of_the_context():
     model = _model(seed=1).train()
     base = torch.arange(V // 2).repeat(4)  # period 20 tokens = 5 chunks
     tokens = torch.stack([base.roll(-4 * i)[:32] for i in range(8)])  # (8, 32)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(60):
@@ -92,7 +92,7 @@ def test_vectorised_continuations_equal_per_prefix_generation(k):
     assert draws.shape == (2, 2, len(starts), 4)
     assert torch.equal(draws[0], draws[1])
     for p, s in enumerate(starts.tolist()):
-        expected = model.generate(tokens[:, :s], 4)
+        expected = model.generate(tokens[:, :s], 4).tokens
         for row in range(2):
             assert torch.equal(draws[0, row, p], expected[row]), (k, s, row)
 
@@ -105,7 +105,7 @@ def test_cached_and_uncached_generation_agree(k):
         outs = [
             model.generate(prompts, 12, temperature=temperature, sampler=sampler,
                            num_candidates=16, use_cache=use_cache,
-                           generator=torch.Generator().manual_seed(3))
+                           generator=torch.Generator().manual_seed(3)).tokens
             for use_cache in (True, False)
         ]
         for a, b in zip(*outs, strict=True):
@@ -116,18 +116,18 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
     model = _model(k=4)
     _deterministic_head(model)
     prompts = [torch.randint(V, (n,)) for n in (4, 11, 1, 8)]
-    together = model.generate(prompts, 10)
+    together = model.generate(prompts, 10).tokens
     for prompt, out in zip(prompts, together, strict=True):
-        assert torch.equal(model.generate([prompt], 10)[0], out)
+        assert torch.equal(model.generate([prompt], 10).tokens[0], out)
 
 
 def test_generation_stops_each_row_at_eos():
     model = _model(k=4)
     _deterministic_head(model)
     prompts = [torch.randint(V, (n,)) for n in (4, 8)]
-    free = model.generate(prompts, 16)
+    free = model.generate(prompts, 16).tokens
     eos = int(free[0][5])
-    stopped = model.generate(prompts, 16, eos_id=eos, pad_id=0)
+    stopped = model.generate(prompts, 16, eos_id=eos, pad_id=0).tokens
     for full, cut in zip(free, stopped, strict=True):
         hits = (full == eos).nonzero()
         end = int(hits[0]) + 1 if len(hits) else len(full)
@@ -149,10 +149,9 @@ def test_other_heads_work_unchanged(head):
     model = _model(head=head)
     tokens = torch.randint(V, (2, 16))
     assert torch.isfinite(model.loss(tokens)["loss"])
-    est, _ = model.brier_estimates(tokens)
-    assert est.shape == (2, 3, 4)
+    assert model.brier_estimates(tokens).shape == (2, 3, 4)
     out = model.generate([tokens[0, :4]], 8, temperature=0.5, sampler="batch", num_candidates=8)
-    assert out[0].shape == (8,)
+    assert out.tokens[0].shape == (8,)
 
 
 def test_calm_and_baseline_are_scored_on_the_same_positions():
@@ -162,12 +161,15 @@ def test_calm_and_baseline_are_scored_on_the_same_positions():
     r1 = evaluate_brier_lm(calm, batches, stride=8)
     r2 = evaluate_brier_lm(base, batches, stride=8)
     assert r1.count == r2.count == 2 * 2 * len(evaluation_starts(32, 8))
-    # the CALM positions that survive the stride are exactly evaluation_starts
-    _, starts = calm.brier_estimates(batches[0])
-    keep = starts[starts % 8 == 0]
-    assert torch.equal(keep, evaluation_starts(32, 8))
-    with pytest.raises(ValueError, match="multiple of the CALM chunk size"):
+    # positions 8, 16, 24 are chunk boundaries 2, 4, 6 of the default positions 4, 8, ..., 28
+    every = calm.brier_estimates(batches[0], generator=torch.Generator().manual_seed(0))
+    chosen = calm.brier_estimates(batches[0], evaluation_starts(32, 8),
+                                  generator=torch.Generator().manual_seed(0))
+    assert every.shape == (2, 7, 4) and torch.equal(chosen, every[:, [1, 3, 5]])
+    with pytest.raises(ValueError, match="multiple of the model's chunk size"):
         evaluate_brier_lm(_model(k=4), batches, stride=6)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        calm.brier_estimates(batches[0], torch.tensor([6]))
 
 
 def test_oracle_continuations_score_brier_lm_100():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from calm_models.config import ConfigError, resolve_config
+from calm_models.config import ConfigError, load_config
 from calm_models.metrics import MetricsLogger, read_metrics
 from calm_models.optim import (
     OptimConfig,
@@ -84,11 +84,8 @@ def test_no_warmup_starts_at_full_rate_and_schedule_errors():
             ScheduleConfig(kind="cosine", warmup_steps=0),
             None,
         )
-    with pytest.raises(ValueError, match="schedule kind must be one of constant, cosine, linear"):
-        lr_factor(5, ScheduleConfig(kind="step", warmup_steps=0), 10)  # type: ignore[arg-type]
-    assert ScheduleConfig(kind="step").validate() == [  # type: ignore[arg-type]
-        "kind must be one of constant, cosine, linear, got 'step'"
-    ]
+    with pytest.raises(ValueError, match=r"kind must be one of \('constant', 'cosine', 'linear'\)"):
+        ScheduleConfig(kind="step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +153,12 @@ def test_builtin_optimizers_and_name_errors(monkeypatch):
 
 
 def test_optim_config_through_the_config_system():
-    cfg = resolve_config(
+    cfg = load_config(
         OptimConfig, overrides=["betas=[0.8,0.9]", "lr=1e-3", "extra={amsgrad: true}"]
     )
     assert cfg.betas == (0.8, 0.9) and cfg.lr == 1e-3 and cfg.extra == {"amsgrad": True}
     with pytest.raises(ConfigError, match=r"betas must lie in \[0, 1\), got \(0.9, 1.0\)"):
-        resolve_config(OptimConfig, overrides=["betas=[0.9,1.0]"])
+        load_config(OptimConfig, overrides=["betas=[0.9,1.0]"])
 
 
 def test_torch_optimizer_optimizers_by_name():
@@ -179,10 +176,8 @@ def test_torch_optimizer_optimizers_by_name():
         model(torch.randn(8, 4)).pow(2).mean().backward()
         optimizer.step()
         assert not torch.equal(model.weight, before)
-    with pytest.raises(
-        ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd, .*lamb"
-    ):
-        build_optimizer(nn.Linear(2, 2), OptimConfig(name="lambb"))
+    with pytest.raises(ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd"):
+        OptimConfig(name="lambb")
 
 
 # ---------------------------------------------------------------------------------------------

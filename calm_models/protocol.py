@@ -1,0 +1,133 @@
+"""What every language model of the project implements, so that tools never ask which one it is.
+
+:class:`~calm_models.model.CALM` and :class:`~calm_models.baseline.TokenLM` (and the wrapper of
+a Hugging Face model) satisfy :class:`LanguageModel`: training, evaluation, generation and the
+benchmarks call these methods and nothing else.
+
+Axis key: ``b`` rows, ``L`` tokens per row, ``P`` scored positions, ``n`` n-gram order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from calm_models._layers import check_int, check_tokens
+
+__all__ = ["Generation", "LanguageModel", "check_positions", "left_pad"]
+
+
+@dataclass
+class Generation:
+    """The output of ``generate``.
+
+    Attributes:
+        tokens: One 1-D tensor of generated ids per prompt (up to and including ``eos_id``).
+        fallbacks: Draws that the exact temperature sampler could not temper within its budget
+            and returned untempered (always 0 for models with logits); see
+            :func:`likelihood_free.temperature_sample`.
+        steps: Sampling steps taken (chunks for CALM, tokens for the baseline).
+    """
+
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    fallbacks: int = 0
+    steps: int = 0
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A model that trains on token blocks, scores BrierLM and generates text.
+
+    ``chunk_size`` is the number of tokens predicted per step (``K`` for CALM, 1 for a token
+    model); BrierLM positions must be multiples of it. ``max_tokens`` is the longest context
+    in tokens.
+    """
+
+    chunk_size: int
+    max_tokens: int
+
+    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training objective on blocks ``(b, L)``; ``mask`` marks real tokens (``False``: padding)."""
+
+    def brier_estimates(self, tokens: torch.Tensor, positions: torch.Tensor, *,
+                        max_order: int = 4, generator: torch.Generator | None = None
+                        ) -> torch.Tensor:
+        """Unbiased Brier-1..n estimates ``(b, P, n)``: position ``s`` predicts ``tokens[:, s:s+n]`` from ``tokens[:, :s]``."""
+
+    def generate(self, prompts: list[torch.Tensor] | torch.Tensor, max_new_tokens: int, *,
+                 temperature: float = 1.0, sampler: str = "exact", num_candidates: int = 200,
+                 eos_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> Generation:
+        """Continuations of a batch of prompts."""
+
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Analytic ``train`` and ``inference`` FLOPs per token (:mod:`calm_models.flops`)."""
+
+
+def check_positions(positions: object, length: int, max_order: int, multiple_of: int = 1,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """BrierLM positions as a 1-D int64 tensor, or a ``ValueError`` naming what fits.
+
+    A position ``s`` needs ``multiple_of <= s``, ``s % multiple_of == 0`` and
+    ``s + max_order <= length``.
+
+    Example:
+        >>> check_positions(torch.tensor([4, 8]), length=12, max_order=4, multiple_of=4)
+        tensor([4, 8])
+    """
+    check_int(max_order, "max_order", 1)
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.numel() == 0 \
+            or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be a non-empty 1-D integer tensor, got {positions!r}")
+    bad = (positions < multiple_of) | (positions % multiple_of != 0) \
+        | (positions + max_order > length)
+    if bool(bad.any()):
+        raise ValueError(
+            f"positions must be multiples of {multiple_of} in [{multiple_of}, {length - max_order}] "
+            f"(a {max_order}-token target inside {length} tokens), got "
+            f"{positions[bad][:5].tolist()}"
+        )
+    return positions.to(device=device, dtype=torch.long)
+
+
+def left_pad(prompts: list[torch.Tensor] | torch.Tensor, pad_id: int, multiple_of: int,
+             vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D prompts to a common length that is a multiple of ``multiple_of``.
+
+    Returns:
+        ``(tokens, real)``: int64 ``(b, P)`` ids on ``device`` and the bool mask of real tokens.
+
+    Example:
+        >>> ids, real = left_pad([torch.tensor([5]), torch.tensor([1, 2, 3])], 0, 2, 10, "cpu")
+        >>> ids.tolist(), real.int().tolist()
+        ([[0, 0, 0, 5], [0, 1, 2, 3]], [[0, 0, 0, 1], [0, 1, 1, 1]])
+    """
+    rows = list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if rows is None and isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        rows = list(prompts.unbind(0))
+    if not rows:
+        raise ValueError("prompts must be a non-empty list of 1-D token tensors or a (b, t) tensor")
+    rows = [check_tokens(r, f"prompts[{i}]", vocab_size=vocab_size, ndim=1).to(device)
+            for i, r in enumerate(rows)]
+    if any(r.numel() == 0 for r in rows):
+        raise ValueError("every prompt must hold at least one token")
+    width = -(-max(r.numel() for r in rows) // multiple_of) * multiple_of
+    extra = width - max(r.numel() for r in rows)
+    tokens = F.pad(pad_sequence(rows, batch_first=True, padding_value=pad_id,
+                                padding_side="left"), (extra, 0), value=pad_id)
+    real = F.pad(pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in rows],
+                              batch_first=True, padding_side="left"), (extra, 0))
+    return tokens, real
+
+
+def cut_at_eos(row: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """``row`` up to and including its first ``eos_id``."""
+    if eos_id is None:
+        return row
+    hits = (row == eos_id).nonzero()
+    return row if hits.numel() == 0 else row[: int(hits[0, 0]) + 1]
