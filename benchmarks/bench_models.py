@@ -43,8 +43,11 @@ def _sync() -> None:
 
 def _calm(k: int, backbone: BackboneConfig = BACKBONE) -> CALM:
     torch.manual_seed(0)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, chunk_size=k, latent_size=128,
-                                       hidden_size=256, intermediate_size=640))
+    ae = Autoencoder(
+        AutoencoderConfig(
+            vocab_size=VOCAB, chunk_size=k, latent_size=128, hidden_size=256, intermediate_size=640
+        )
+    )
     head = HeadConfig(hidden_size=backbone.hidden_size, num_blocks=2)
     return CALM(CALMConfig(backbone=backbone, head=head), ae).to(DEVICE).eval()
 
@@ -78,11 +81,15 @@ def test_baseline_brier_eval(benchmark, method, batch):
     tokens = torch.randint(VOCAB, (batch, EVAL_LEN), device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     benchmark.group = f"baseline BrierLM evaluation, {batch} x {EVAL_LEN} tokens"
-    _run(benchmark, lambda: model.brier_estimates(tokens, generator=gen, method=method),
-         rounds=3 if method == "batched" else 1)
+    _run(
+        benchmark,
+        lambda: model.brier_estimates(tokens, generator=gen, method=method),
+        rounds=3 if method == "batched" else 1,
+    )
     positions = batch * (EVAL_LEN - 4)
-    benchmark.extra_info.update(method=method, batch=batch,
-                                positions_per_s=positions / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        method=method, batch=batch, positions_per_s=positions / benchmark.stats.stats.median
+    )
 
 
 def test_calm_brier_eval(benchmark):
@@ -125,7 +132,8 @@ def test_generation_throughput_t1(benchmark, model_kind, batch):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=1.0, generator=gen))
     benchmark.extra_info.update(
-        model=model_kind, batch=batch,
+        model=model_kind,
+        batch=batch,
         tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median,
     )
 
@@ -141,8 +149,12 @@ def test_generation_throughput_t1_wider_backbone(benchmark, model_kind):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     benchmark.group = "generation at batch 1, T = 1, backbone 512 x 8"
     _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=1.0, generator=gen))
-    benchmark.extra_info.update(model=model_kind, batch=1, backbone="512x8",
-                                tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        model=model_kind,
+        batch=1,
+        backbone="512x8",
+        tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median,
+    )
 
 
 @pytest.mark.parametrize("sampler", ["batch", "exact"])
@@ -151,9 +163,19 @@ def test_generation_throughput_t05(benchmark, sampler):
     model = _calm(4)
     prompts = torch.randint(VOCAB, (1, PROMPT_LEN), device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=0.5, sampler=sampler,
-                                           num_candidates=200, max_rounds=50, generator=gen),
-         rounds=2)
+    _run(
+        benchmark,
+        lambda: model.generate(
+            prompts,
+            NEW_TOKENS,
+            temperature=0.5,
+            sampler=sampler,
+            num_candidates=200,
+            max_rounds=50,
+            generator=gen,
+        ),
+        rounds=2,
+    )
     # where the time goes in one batch-approximation step
     hidden = torch.randn(1, BACKBONE.hidden_size, device=DEVICE)
     from likelihood_free.temperature import batched_temperature_sample
@@ -167,8 +189,10 @@ def test_generation_throughput_t05(benchmark, sampler):
         _sync()
         t2 = time.perf_counter()
     benchmark.extra_info.update(
-        sampler=sampler, tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median,
-        step_head_and_decode_ms=1e3 * (t1 - t0), step_grouping_ms=1e3 * (t2 - t1),
+        sampler=sampler,
+        tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median,
+        step_head_and_decode_ms=1e3 * (t1 - t0),
+        step_grouping_ms=1e3 * (t2 - t1),
     )
 
 
@@ -178,16 +202,26 @@ def test_generation_throughput_t05(benchmark, sampler):
 
 
 @pytest.mark.parametrize(
-    "head_type,steps", [("energy", 1), ("flow", 2), ("flow", 8), ("flow", 32),
-                        ("diffusion", 10), ("diffusion", 50), ("diffusion", 200)]
+    "head_type,steps",
+    [
+        ("energy", 1),
+        ("flow", 2),
+        ("flow", 8),
+        ("flow", 32),
+        ("diffusion", 10),
+        ("diffusion", 50),
+        ("diffusion", 200),
+    ],
 )
 def test_head_sampling_cost(benchmark, head_type, steps):
     torch.manual_seed(0)
-    cfg = HeadConfig(type=head_type, hidden_size=256, num_blocks=2, flow_steps=steps,
-                     diffusion_steps=steps)
+    cfg = HeadConfig(
+        type=head_type, hidden_size=256, num_blocks=2, flow_steps=steps, diffusion_steps=steps
+    )
     head = build_head(cfg, cond_size=256, latent_size=128).to(DEVICE).eval()
     hidden = torch.randn(4096, 256, device=DEVICE)
     with torch.no_grad():
         _run(benchmark, lambda: head.sample(hidden, 1), rounds=3)
-    benchmark.extra_info.update(head=head_type, steps=steps,
-                                us_per_vector=1e6 * benchmark.stats.stats.median / 4096)
+    benchmark.extra_info.update(
+        head=head_type, steps=steps, us_per_vector=1e6 * benchmark.stats.stats.median / 4096
+    )

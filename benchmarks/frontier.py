@@ -99,19 +99,36 @@ def experiment_specs() -> list[Spec]:
 
 def _data(cfg, args, tokenizer: Path | None):
     # no valid_files: the last 2% of the training stream is held out (the in-domain evaluation)
-    cfg.data = replace(cfg.data, train_files=[str(args.train)], valid_files=[],
-                       valid_fraction=HELD_OUT_FRACTION, block_len=BLOCK_LEN, vocab_size=4096,
-                       tokenizer=str(tokenizer) if tokenizer else None)
+    cfg.data = replace(
+        cfg.data,
+        train_files=[str(args.train)],
+        valid_files=[],
+        valid_fraction=HELD_OUT_FRACTION,
+        block_len=BLOCK_LEN,
+        vocab_size=4096,
+        tokenizer=str(tokenizer) if tokenizer else None,
+    )
     return cfg
 
 
 def _run_settings(cfg, args, out_dir: Path, steps: int, batch: int = BATCH):
     # the experiment evaluates every checkpoint itself: the loop's own final evaluation is kept
     # small (eval_batches=2)
-    cfg.run = replace(cfg.run, out_dir=str(out_dir), steps=steps, batch_size=batch,
-                      eval_every=0, eval_batches=2, save_every=max(1, steps // 4), keep_last=8,
-                      log_every=10, device=args.device, seed=args.seed, max_time_s=None,
-                      progress=not args.quiet)
+    cfg.run = replace(
+        cfg.run,
+        out_dir=str(out_dir),
+        steps=steps,
+        batch_size=batch,
+        eval_every=0,
+        eval_batches=2,
+        save_every=max(1, steps // 4),
+        keep_last=8,
+        log_every=10,
+        device=args.device,
+        seed=args.seed,
+        max_time_s=None,
+        progress=not args.quiet,
+    )
     return cfg
 
 
@@ -130,8 +147,9 @@ def model_config(spec: Spec, args, tokenizer: Path, ae_dir: Path | None):
         cfg.baseline = BACKBONES[spec.size]
     else:
         cfg.autoencoder_path = str(ae_dir)
-        cfg.calm = replace(cfg.calm, backbone=BACKBONES[spec.size],
-                           head=replace(cfg.calm.head, type=spec.head))
+        cfg.calm = replace(
+            cfg.calm, backbone=BACKBONES[spec.size], head=replace(cfg.calm.head, type=spec.head)
+        )
     return cfg
 
 
@@ -196,9 +214,15 @@ def evaluate_run(
         state = _train_state(path)
         res = brier_lm_of(loaded.model, blocks[curve_file], args.seed)
         tokens = int(state["tokens"])
-        curve.append({"step": int(state["step"]), "tokens": tokens,
-                      "train_flops": tokens * meta["train"] + meta.get("ae_train_flops", 0.0),
-                      "time_s": float(state.get("elapsed", 0.0)), **res})
+        curve.append(
+            {
+                "step": int(state["step"]),
+                "tokens": tokens,
+                "train_flops": tokens * meta["train"] + meta.get("ae_train_flops", 0.0),
+                "time_s": float(state.get("elapsed", 0.0)),
+                **res,
+            }
+        )
     final = {name: brier_lm_of(loaded.model, b, args.seed) for name, b in blocks.items()}
     return {"curve": curve, "final": final}
 
@@ -250,8 +274,12 @@ def run_experiment(args) -> dict:
         ae_loaded[k] = load_run(run_dir, device=args.device)
         per_token = ae_loaded[k].model.flops_per_token(BLOCK_LEN)["train"]
         tokens = int(state["tokens"])
-        ae_meta[k] = {"train": per_token, "tokens": tokens, "train_flops": per_token * tokens,
-                      "time_s": float(state["elapsed"])}
+        ae_meta[k] = {
+            "train": per_token,
+            "tokens": tokens,
+            "train_flops": per_token * tokens,
+            "time_s": float(state["elapsed"]),
+        }
         (run_dir / "flops.json").write_text(json.dumps(ae_meta[k]))
         ae_dirs[k] = run_dir
     tokenizer = TextTokenizer.load(tokenizer_path)
@@ -267,8 +295,9 @@ def run_experiment(args) -> dict:
         accuracy = {}
         for name, source in blocks.items():
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            table = robustness_table(model, [b.to(device) for b in source.split(64)],
-                                     sigmas=(0.0, 0.3), generator=gen)
+            table = robustness_table(
+                model, [b.to(device) for b in source.split(64)], sigmas=(0.0, 0.3), generator=gen
+            )
             accuracy[name] = {str(sigma): acc for sigma, acc in table.items()}
         ae_results[k] = {**ae_meta[k], "accuracy": accuracy}
 
@@ -285,8 +314,11 @@ def run_experiment(args) -> dict:
         cfg = _run_settings(cfg, args, run_dir, steps)
         if calm:
             meta["ae_train_flops"] = ae_meta[spec.chunk_size]["train_flops"]
-        print(f"== {spec.name}: {meta['params'] / 1e6:.2f}M parameters, "
-              f"{meta['train'] / 1e6:.1f} MFLOP/token (train), {steps} steps", flush=True)
+        print(
+            f"== {spec.name}: {meta['params'] / 1e6:.2f}M parameters, "
+            f"{meta['train'] / 1e6:.1f} MFLOP/token (train), {steps} steps",
+            flush=True,
+        )
         state = _train_once(cfg, run_dir)
         meta.update(steps=steps, time_s=float(state["elapsed"]))
         (run_dir / "flops.json").write_text(json.dumps(meta))
@@ -344,39 +376,70 @@ def render(results: dict, out: Path, machine: str, command: str) -> str:
         f"{100 * HELD_OUT_FRACTION:g}% of the training stream, never trained on.",
         "",
         "| model | params | train FLOPs/token | inference FLOPs/token | tokens seen | train time | "
-        + " | ".join(f"BrierLM {n}" for n in eval_names) + " |",
+        + " | ".join(f"BrierLM {n}" for n in eval_names)
+        + " |",
         "|---|---|---|---|---|---|" + "---|" * len(eval_names),
     ]
     for entry in runs.values():
         fl = entry["flops"]
         tokens = entry["curve"][-1]["tokens"] if entry["curve"] else 0
-        cells = [_pm(entry["final"][n]["brier_lm"], entry["final"][n]["brier_lm_se"])
-                 for n in eval_names]
-        lines.append(f"| {_label(entry)} | {fl['params'] / 1e6:.2f}M | {fl['train'] / 1e6:.1f}M | "
-                     f"{fl['inference'] / 1e6:.2f}M | {tokens / 1e6:.2f}M | {fl['time_s'] / 60:.1f} min | "
-                     + " | ".join(cells) + " |")
-    lines += ["", f"Brier-n on the {HELD_OUT} (mean ± standard error):", "",
-              "| model | Brier-1 | Brier-2 | Brier-3 | Brier-4 |", "|---|---|---|---|---|"]
+        cells = [
+            _pm(entry["final"][n]["brier_lm"], entry["final"][n]["brier_lm_se"]) for n in eval_names
+        ]
+        lines.append(
+            f"| {_label(entry)} | {fl['params'] / 1e6:.2f}M | {fl['train'] / 1e6:.1f}M | "
+            f"{fl['inference'] / 1e6:.2f}M | {tokens / 1e6:.2f}M | {fl['time_s'] / 60:.1f} min | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Brier-n on the {HELD_OUT} (mean ± standard error):",
+        "",
+        "| model | Brier-1 | Brier-2 | Brier-3 | Brier-4 |",
+        "|---|---|---|---|---|",
+    ]
     for entry in runs.values():
         f = entry["final"][HELD_OUT]
-        lines.append(f"| {_label(entry)} | " + " | ".join(
-            _pm(f[f"brier{j}"], f[f"brier{j}_se"], 4) for j in range(1, 5)) + " |")
-    lines += ["", "Autoencoders: token accuracy at latent noise σ = 0 / σ = 0.3:", "",
-              "| K | latent | training FLOPs | " + " | ".join(eval_names) + " |",
-              "|---|---|---|" + "---|" * len(eval_names)]
+        lines.append(
+            f"| {_label(entry)} | "
+            + " | ".join(_pm(f[f"brier{j}"], f[f"brier{j}_se"], 4) for j in range(1, 5))
+            + " |"
+        )
+    lines += [
+        "",
+        "Autoencoders: token accuracy at latent noise σ = 0 / σ = 0.3:",
+        "",
+        "| K | latent | training FLOPs | " + " | ".join(eval_names) + " |",
+        "|---|---|---|" + "---|" * len(eval_names),
+    ]
     for k, ae in results["autoencoders"].items():
         acc = ae["accuracy"]
         cells = [f"{100 * acc[n]['0.0']:.2f}% / {100 * acc[n]['0.3']:.2f}%" for n in eval_names]
-        lines.append(f"| {k} | {32 * int(k)} | {ae['train_flops']:.2e} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {k} | {32 * int(k)} | {ae['train_flops']:.2e} | " + " | ".join(cells) + " |"
+        )
     if "throughput" in results:
-        lines += ["", "Generation throughput (64 tokens after a 32-token prompt):", "",
-                  "| model | batch | T | sampler | tokens/s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Generation throughput (64 tokens after a 32-token prompt):",
+            "",
+            "| model | batch | T | sampler | tokens/s |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["throughput"]:
             name = Path(r["run"]).name
-            lines.append(f"| {name} | {r['batch']} | {r['temperature']} | {r['sampler']} | "
-                         f"{r['tokens_per_s']:.0f} |")
-    lines += ["", "![BrierLM against training FLOPs](brier_vs_train_flops.png)", "",
-              "![BrierLM against inference FLOPs per token](brier_vs_inference_flops.png)", ""]
+            lines.append(
+                f"| {name} | {r['batch']} | {r['temperature']} | {r['sampler']} | "
+                f"{r['tokens_per_s']:.0f} |"
+            )
+    lines += [
+        "",
+        "![BrierLM against training FLOPs](brier_vs_train_flops.png)",
+        "",
+        "![BrierLM against inference FLOPs per token](brier_vs_inference_flops.png)",
+        "",
+    ]
     text = "\n".join(lines)
     _plots(results, out)
     return text
@@ -411,9 +474,14 @@ def _plots(results: dict, out: Path) -> None:
     for entry in runs.values():
         f = entry["final"][HELD_OUT]
         marker = "o" if entry["spec"]["kind"] == "ar" else "s"
-        ax.errorbar([entry["flops"]["inference"]], [f["brier_lm"]],
-                    yerr=[0.0 if math.isnan(f["brier_lm_se"]) else f["brier_lm_se"]],
-                    fmt=marker, capsize=2, label=_label(entry))
+        ax.errorbar(
+            [entry["flops"]["inference"]],
+            [f["brier_lm"]],
+            yerr=[0.0 if math.isnan(f["brier_lm_se"]) else f["brier_lm_se"]],
+            fmt=marker,
+            capsize=2,
+            label=_label(entry),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token")
     ax.set_ylabel(f"BrierLM ({HELD_OUT})")
@@ -430,8 +498,10 @@ def _machine(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"1x {torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,20 +509,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN)
     parser.add_argument("--eval", type=Path, nargs="+", default=DEFAULT_EVAL)
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
-    parser.add_argument("--budget", type=float, default=3e13,
-                        help="training FLOPs per language model at --scale 1")
+    parser.add_argument(
+        "--budget", type=float, default=3e13, help="training FLOPs per language model at --scale 1"
+    )
     parser.add_argument("--ae-steps", type=int, default=500, help="autoencoder steps at --scale 1")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies budget and AE steps")
-    parser.add_argument("--eval-blocks", type=int, default=256, help="blocks of 128 tokens per file")
+    parser.add_argument(
+        "--eval-blocks", type=int, default=256, help="blocks of 128 tokens per file"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="run names (see experiment_specs)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only re-render results.md and the plots from --out/results.json")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="also write results.md and the plots into this directory")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-render results.md and the plots from --out/results.json",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also write results.md and the plots into this directory",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         saved = args.out / "results.json"
@@ -463,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for path in [args.train, *args.eval]:
             if not path.exists():
-                print(f"error: {path}: no such file (see ../shared/data/README.md)",
-                      file=sys.stderr)
+                print(
+                    f"error: {path}: no such file (see ../shared/data/README.md)", file=sys.stderr
+                )
                 return 2
         results = run_experiment(args)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]

@@ -25,6 +25,22 @@ from calm_models.heads import DiffusionHead, EnergyHead, FlowHead, build_head
 from calm_models.model import CALM
 from calm_models.protocol import Generation, LanguageModel
 
-__all__ = ["CALM", "Autoencoder", "AutoencoderConfig", "Backbone", "BackboneConfig", "CALMConfig",
-           "DiffusionHead", "EnergyHead", "FlowHead", "Generation", "HeadConfig", "KVCache",
-           "LanguageModel", "TokenLM", "TokenLMConfig", "TrainConfig", "build_head"]
+__all__ = [
+    "CALM",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "Backbone",
+    "BackboneConfig",
+    "CALMConfig",
+    "DiffusionHead",
+    "EnergyHead",
+    "FlowHead",
+    "Generation",
+    "HeadConfig",
+    "KVCache",
+    "LanguageModel",
+    "TokenLM",
+    "TokenLMConfig",
+    "TrainConfig",
+    "build_head",
+]

@@ -106,12 +106,19 @@ def check_tokens(
         ...
         ValueError: tokens must hold ids in [0, 5), got 7 at position (0, 1)
     """
-    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
-            or tokens.dtype == torch.bool:
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.is_floating_point()
+        or tokens.is_complex()
+        or tokens.dtype == torch.bool
+    ):
         got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise TypeError(f"{name} must be an integer tensor of token ids, got {got}")
-    if (ndim is not None and tokens.dim() != ndim) or tokens.dim() < 1 \
-            or tokens.shape[-1] % multiple_of:
+    if (
+        (ndim is not None and tokens.dim() != ndim)
+        or tokens.dim() < 1
+        or tokens.shape[-1] % multiple_of
+    ):
         axes = "(b, L)" if ndim == 2 else "(*b, L)"
         extra = f" with L a multiple of {multiple_of}" if multiple_of > 1 else ""
         raise ValueError(f"{name} must have shape {axes}{extra}, got {tuple(tokens.shape)}")

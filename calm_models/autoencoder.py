@@ -165,8 +165,9 @@ class Autoencoder(nn.Module):
         return flops.autoencoder_flops(self)
 
     def _tokens(self, tokens: object, name: str = "tokens") -> torch.Tensor:
-        return check_tokens(tokens, name, vocab_size=self.vocab_size, ndim=None,
-                            multiple_of=self.chunk_size)
+        return check_tokens(
+            tokens, name, vocab_size=self.vocab_size, ndim=None, multiple_of=self.chunk_size
+        )
 
     def _encode_embeddings(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(emb.unflatten(1, (-1, self.chunk_size)))  # (N, C, K, H) in
@@ -186,11 +187,16 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Token logits ``(*b, C*K, V)`` of latents ``(*b, C, l)``."""
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() < 2 \
-                or z.shape[-1] != self.latent_size:
+        if (
+            not isinstance(z, torch.Tensor)
+            or not z.is_floating_point()
+            or z.dim() < 2
+            or z.shape[-1] != self.latent_size
+        ):
             got = f"{z.dtype} {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must be a float tensor (*b, C, latent_size={self.latent_size}), "
-                             f"got {got}")
+            raise ValueError(
+                f"z must be a float tensor (*b, C, latent_size={self.latent_size}), got {got}"
+            )
         *batch, chunks, _ = z.shape
         logits = self._logits(z.reshape(-1, chunks, self.latent_size))  # (N, C*K, V)
         return logits.reshape(*batch, chunks * self.chunk_size, self.vocab_size)
@@ -210,8 +216,9 @@ class Autoencoder(nn.Module):
         ids = torch.cat([self.decode(part).argmax(dim=-1) for part in flat.split(per_slice)])
         return ids.reshape(*batch, chunks * self.chunk_size)
 
-    def sample_posterior(self, tokens: torch.Tensor, num_samples: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_posterior(
+        self, tokens: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``num_samples`` posterior draws ``(n, *b, L/K, l)``, with one encoder pass.
 
         Example:
@@ -221,23 +228,30 @@ class Autoencoder(nn.Module):
         """
         check_int(num_samples, "num_samples", 1)
         mean, log_std = self.encode(tokens)  # (*b, C, l)
-        noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device,
-                            dtype=mean.dtype)
+        noise = torch.randn(
+            (num_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
+        )
         return mean + log_std.exp() * noise
 
     @torch.no_grad()
-    def reconstruct(self, tokens: torch.Tensor, noise_std: float = 0.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def reconstruct(
+        self, tokens: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``argmax decode(mean + noise_std * eps)``: token ids ``(*b, L)``."""
         noise_std = _check_sigma(noise_std, "noise_std")
         mean, _ = self.encode(tokens)
         if noise_std > 0:
-            mean = mean + noise_std * torch.randn(mean.shape, generator=generator,
-                                                  device=mean.device, dtype=mean.dtype)
+            mean = mean + noise_std * torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
         return self.decode(mean).argmax(dim=-1)
 
-    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         r"""The robust-autoencoder objective on token ids ``(*b, L)``.
 
         In training mode, with draws from ``generator`` in this order: random-token replacement
@@ -265,11 +279,18 @@ class Autoencoder(nn.Module):
         tokens = self._tokens(tokens)
         flat = tokens.reshape(-1, tokens.shape[-1])  # (N, L)
         if flat.numel() == 0:
-            raise ValueError(f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}"
+            )
         if self.training and cfg.random_token_prob > 0:
             u = torch.rand(flat.shape, generator=generator, device=flat.device)
-            noise = torch.randint(self.vocab_size, flat.shape, generator=generator,
-                                  device=flat.device, dtype=flat.dtype)
+            noise = torch.randint(
+                self.vocab_size,
+                flat.shape,
+                generator=generator,
+                device=flat.device,
+                dtype=flat.dtype,
+            )
             flat = torch.where(u < cfg.random_token_prob, noise, flat)
         emb = self.embedding(flat)  # (N, L, H)
         if self.training and cfg.mask_prob > 0:
@@ -278,14 +299,18 @@ class Autoencoder(nn.Module):
         mean, log_std = (t.float() for t in self._encode_embeddings(emb))  # (N, C, l)
         z = mean
         if self.training:
-            z = mean + log_std.exp() * torch.randn(mean.shape, generator=generator,
-                                                   device=mean.device)
+            z = mean + log_std.exp() * torch.randn(
+                mean.shape, generator=generator, device=mean.device
+            )
             if cfg.latent_dropout > 0:
                 u = torch.rand(z.shape, generator=generator, device=z.device)
                 z = z * (u >= cfg.latent_dropout).to(z.dtype) / (1 - cfg.latent_dropout)
         logits = self._logits(z).float()  # (N, L, V)
-        weight = torch.ones(flat.shape, device=flat.device) if mask is None \
+        weight = (
+            torch.ones(flat.shape, device=flat.device)
+            if mask is None
             else mask.reshape(flat.shape).float()
+        )
         ce_all = F.cross_entropy(logits.flatten(0, 1), flat.flatten(), reduction="none")
         ce = (ce_all * weight.flatten()).sum() / weight.sum().clamp_min(1)
         kl_dim = 0.5 * (mean.square() + (2 * log_std).exp() - 1) - log_std  # (N, C, l)
@@ -293,8 +318,13 @@ class Autoencoder(nn.Module):
         with torch.no_grad():
             hits = (logits.argmax(-1) == flat).float() * weight
             accuracy = hits.sum() / weight.sum().clamp_min(1)
-        return {"loss": self.chunk_size * ce + cfg.kl_weight * kl, "ce": ce.detach(),
-                "kl": kl.detach(), "kl_raw": kl_dim.detach().sum(-1).mean(), "accuracy": accuracy}
+        return {
+            "loss": self.chunk_size * ce + cfg.kl_weight * kl,
+            "ce": ce.detach(),
+            "kl": kl.detach(),
+            "kl_raw": kl_dim.detach().sum(-1).mean(),
+            "accuracy": accuracy,
+        }
 
     forward = loss
 
@@ -306,8 +336,12 @@ def _check_sigma(value: object, name: str) -> float:
 
 
 @torch.no_grad()
-def reconstruction_accuracy(ae: Autoencoder, tokens: torch.Tensor, noise_std: float = 0.0,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+def reconstruction_accuracy(
+    ae: Autoencoder,
+    tokens: torch.Tensor,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Fraction (fp32 scalar) of the tokens ``(*b, L)`` that :meth:`Autoencoder.reconstruct` recovers.
 
     Example:
@@ -319,9 +353,12 @@ def reconstruction_accuracy(ae: Autoencoder, tokens: torch.Tensor, noise_std: fl
 
 
 @torch.no_grad()
-def robustness_table(ae: Autoencoder, tokens_batches: Iterable[torch.Tensor],
-                     sigmas: Iterable[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-                     generator: torch.Generator | None = None) -> dict[float, float]:
+def robustness_table(
+    ae: Autoencoder,
+    tokens_batches: Iterable[torch.Tensor],
+    sigmas: Iterable[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+    generator: torch.Generator | None = None,
+) -> dict[float, float]:
     """Token accuracy when ``N(0, sigma^2 I)`` noise is added to the posterior mean, per sigma.
 
     Each batch ``(*b, L)`` is encoded once; accuracies are pooled over all tokens. Runs in eval
@@ -345,8 +382,13 @@ def robustness_table(ae: Autoencoder, tokens_batches: Iterable[torch.Tensor],
             mean, _ = ae.encode(tokens)  # (*b, C, l)
             hits = []
             for sigma in sigma_list:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device,
-                                    dtype=mean.dtype) if sigma > 0 else 0.0
+                noise = (
+                    torch.randn(
+                        mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+                    )
+                    if sigma > 0
+                    else 0.0
+                )
                 hits.append((ae.decode(mean + sigma * noise).argmax(-1) == tokens).sum())
             correct = correct + torch.stack(hits)
             count += tokens.numel()

@@ -25,11 +25,19 @@ from torch import nn
 from calm_models._layers import RMSNorm, SwiGLU
 from calm_models.config import BackboneConfig
 
-__all__ = ["Backbone", "BackboneConfig", "KVCache", "apply_rotary", "causal_mask",
-           "padded_causal_mask"]
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "KVCache",
+    "apply_rotary",
+    "causal_mask",
+    "padded_causal_mask",
+]
 
 
-def causal_mask(q_len: int, kv_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+def causal_mask(
+    q_len: int, kv_len: int, *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """``(t, s)`` bool mask for ``t`` new queries after ``s - t`` cached keys (query ``i`` sits at ``s - t + i``).
 
     Example:
@@ -75,7 +83,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0
+) -> torch.Tensor:
     r"""Rotary position embedding of queries or keys ``(b, heads, t, d)`` at ``position_ids (b|1, t)``.
 
     Pair ``i`` of the two halves is rotated by ``pos * theta^(-2i/d)``, so
@@ -107,13 +117,23 @@ class KVCache:
         (2, 2)
     """
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int,
-                 head_dim: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         if num_layers < 1 or min(shape) < 1:
-            raise ValueError(f"KVCache: num_layers and (batch_size, num_kv_heads, max_len, head_dim) "
-                             f"must be positive, got {num_layers} and {shape}")
+            raise ValueError(
+                f"KVCache: num_layers and (batch_size, num_kv_heads, max_len, head_dim) "
+                f"must be positive, got {num_layers} and {shape}"
+            )
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.length = 0
@@ -128,13 +148,21 @@ class KVCache:
         """Capacity in positions."""
         return self.k[0].shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``t`` new keys/values ``(b, G, t, d)`` of one layer; return all ``(b, G, length + t, d)``."""
-        if k.shape != v.shape or k.dim() != 4 or k.shape[:2] != self.k[layer].shape[:2] \
-                or k.shape[3] != self.k[layer].shape[3]:
+        if (
+            k.shape != v.shape
+            or k.dim() != 4
+            or k.shape[:2] != self.k[layer].shape[:2]
+            or k.shape[3] != self.k[layer].shape[3]
+        ):
             b, g, _, d = self.k[layer].shape
-            raise ValueError(f"KVCache.update: k and v must be ({b}, {g}, t, {d}), got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+            raise ValueError(
+                f"KVCache.update: k and v must be ({b}, {g}, t, {d}), got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(
@@ -148,14 +176,23 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as valid (after every layer was updated)."""
         if n < 0 or self.length + n > self.max_len:
-            raise ValueError(f"KVCache.advance: n must be in [0, {self.max_len - self.length}], got {n}")
+            raise ValueError(
+                f"KVCache.advance: n must be in [0, {self.max_len - self.length}], got {n}"
+            )
         self.length += n
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Keep, reorder or repeat rows in place (``index_select`` along the batch); returns self."""
-        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.numel() == 0 \
-                or rows.is_floating_point() or rows.dtype == torch.bool:
-            raise ValueError(f"KVCache.select: rows must be a non-empty 1-D integer tensor, got {rows!r}")
+        if (
+            not isinstance(rows, torch.Tensor)
+            or rows.dim() != 1
+            or rows.numel() == 0
+            or rows.is_floating_point()
+            or rows.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"KVCache.select: rows must be a non-empty 1-D integer tensor, got {rows!r}"
+            )
         rows = rows.to(self.k[0].device)
         self.k = [buf.index_select(0, rows) for buf in self.k]
         self.v = [buf.index_select(0, rows) for buf in self.v]
@@ -182,14 +219,22 @@ class _Attention(nn.Module):
     def forward(self, x, cos_sin, mask, is_causal, cache, layer):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, t, d)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, G, t, d)
+        k = (
+            self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (b, G, t, d)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, *cos_sin), _rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (b, G, s, d)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (b, t, h)
 
 
@@ -236,9 +281,15 @@ class Backbone(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty :class:`KVCache` on the parameters' device and dtype (``max_len``: ``cfg.max_seq_len``)."""
         p = self.norm.weight
-        return KVCache(self.cfg.num_layers, batch_size, self.cfg.resolved_kv_heads,
-                       max_len or self.cfg.max_seq_len, self.cfg.head_dim, device=p.device,
-                       dtype=p.dtype)
+        return KVCache(
+            self.cfg.num_layers,
+            batch_size,
+            self.cfg.resolved_kv_heads,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            device=p.device,
+            dtype=p.dtype,
+        )
 
     def forward(
         self,
@@ -271,14 +322,23 @@ class Backbone(nn.Module):
             raise ValueError(f"Backbone: the cache has {cache.batch_size} rows but x has {b}")
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None]  # (1, t)
-        elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) \
-                or position_ids.shape[1] != t or position_ids.is_floating_point():
-            raise ValueError(f"Backbone: position_ids must be integers of shape ({b} or 1, {t}), "
-                             f"got {position_ids.dtype} {tuple(position_ids.shape)}")
-        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.dim() != 4
-                                      or attn_mask.shape[-1] != past + t):
-            raise ValueError(f"Backbone: attn_mask must be bool, broadcastable to (b, H, {t}, "
-                             f"{past + t}), got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+        elif (
+            position_ids.dim() != 2
+            or position_ids.shape[0] not in (1, b)
+            or position_ids.shape[1] != t
+            or position_ids.is_floating_point()
+        ):
+            raise ValueError(
+                f"Backbone: position_ids must be integers of shape ({b} or 1, {t}), "
+                f"got {position_ids.dtype} {tuple(position_ids.shape)}"
+            )
+        if attn_mask is not None and (
+            attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[-1] != past + t
+        ):
+            raise ValueError(
+                f"Backbone: attn_mask must be bool, broadcastable to (b, H, {t}, "
+                f"{past + t}), got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+            )
         is_causal = attn_mask is None and past == 0 and t > 1
         if attn_mask is None and past > 0 and t > 1:
             attn_mask = causal_mask(t, past + t, device=x.device)[None, None]  # (1, 1, t, s)

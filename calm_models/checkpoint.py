@@ -54,13 +54,28 @@ from torch import nn
 from calm_models._layers import atomic_write
 from calm_models.config import config_to_dict, diff_configs, flatten_config
 
-__all__ = ["CheckpointError", "capture_rng_state", "checkpoint_problem", "latest_checkpoint",
-           "list_checkpoints", "load_checkpoint", "load_weights", "newest_sound_checkpoint", "read_meta",
-           "resolve_checkpoint", "restore_rng_state", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoint_problem",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_weights",
+    "newest_sound_checkpoint",
+    "read_meta",
+    "resolve_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 2
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = (
-    "model.safetensors", "train_state.pt", "config.yaml", "meta.json")
+    "model.safetensors",
+    "train_state.pt",
+    "config.yaml",
+    "meta.json",
+)
 _TRANSIENT = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 _AUTO_NAME = re.compile(r"^step_\d+$")
 
@@ -96,9 +111,17 @@ def capture_rng_state() -> dict[str, Any]:
         True
     """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos),
-                       int(has_gauss), float(cached)]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            str(kind),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,8 +175,10 @@ def read_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
         raise CheckpointError(f"{path} is not a checkpoint meta file")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('format_version')!r}; this "
-                              f"version of calm_models reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {meta.get('format_version')!r}; this "
+            f"version of calm_models reads version {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -208,16 +233,24 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
-def newest_sound_checkpoint(run_dir: str | os.PathLike[str], checksum: bool = True
-                            ) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_sound_checkpoint(
+    run_dir: str | os.PathLike[str], checksum: bool = True
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest ``step_*`` checkpoint that passes :func:`checkpoint_problem`, and the newer ones that do not.
 
     Returns:
         ``(checkpoint or None, [(skipped checkpoint, its problem), ...])``, newest first.
     """
     root = _root(run_dir)
-    steps = sorted((p for p in root.iterdir() if _AUTO_NAME.match(p.name) and p.is_dir()),
-                   key=lambda p: int(p.name[5:]), reverse=True) if root.is_dir() else []
+    steps = (
+        sorted(
+            (p for p in root.iterdir() if _AUTO_NAME.match(p.name) and p.is_dir()),
+            key=lambda p: int(p.name[5:]),
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
     skipped = []
     for ckpt in steps:
         problem = checkpoint_problem(ckpt, checksum)
@@ -272,8 +305,10 @@ def _plain(obj: Any, where: str) -> Any:
         return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, dict):
         return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a "
-                    "checkpoint cannot hold; use plain Python values or torch tensors")
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a "
+        "checkpoint cannot hold; use plain Python values or torch tensors"
+    )
 
 
 def _write_state_file(payload: dict[str, Any], path: Path) -> None:
@@ -352,8 +387,11 @@ def save_checkpoint(
     if name in (".", "..", "latest") or "/" in name or _TRANSIENT.match(name):
         raise ValueError(f"name must be a plain directory name, got {name!r}")
     weights = get_model_state_dict(model, options=_options(model, cpu_offload=True))  # collective
-    optim = None if optimizer is None else get_optimizer_state_dict(
-        model, optimizer, options=_options(model, cpu_offload=True))
+    optim = (
+        None
+        if optimizer is None
+        else get_optimizer_state_dict(model, optimizer, options=_options(model, cpu_offload=True))
+    )
     root = Path(run_dir) / "checkpoints"
     final = root / name
     if _distributed() and torch.distributed.get_rank() != 0:
@@ -367,16 +405,34 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write_model_file(weights, tmp / MODEL_FILE)
-        _write_state_file({"step": step, "optimizer": optim, "train_state": train_state,
-                           "scheduler": None if scheduler is None else scheduler.state_dict()},
-                          tmp / STATE_FILE)
-        atomic_write(tmp / CONFIG_FILE, yaml.safe_dump(
-            config_to_dict(config) if config is not None else {}, sort_keys=False).encode())
-        files = {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                 for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)}
-        meta = {"format_version": FORMAT_VERSION, "step": step, "unix_time": time.time(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_version": torch.__version__,
-                "model_class": _class_name(model), "files": files}
+        _write_state_file(
+            {
+                "step": step,
+                "optimizer": optim,
+                "train_state": train_state,
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+            },
+            tmp / STATE_FILE,
+        )
+        atomic_write(
+            tmp / CONFIG_FILE,
+            yaml.safe_dump(
+                config_to_dict(config) if config is not None else {}, sort_keys=False
+            ).encode(),
+        )
+        files = {
+            f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)
+        }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "unix_time": time.time(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_version": torch.__version__,
+            "model_class": _class_name(model),
+            "files": files,
+        }
         atomic_write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
         _fsync_dir(tmp)
         old = root / f"{name}.old-{os.getpid()}"
@@ -391,8 +447,10 @@ def save_checkpoint(
             _write_latest(root, name)
         if keep_last:
             auto = [p for p in list_checkpoints(root) if _AUTO_NAME.match(p.name)]
-            protect = {name, (root / "latest").read_text().strip() if (root / "latest").exists()
-                       else name}
+            protect = {
+                name,
+                (root / "latest").read_text().strip() if (root / "latest").exists() else name,
+            }
             for stale in auto[: max(0, len(auto) - keep_last)]:
                 if stale.name not in protect:
                     trash = stale.with_name(f"{stale.name}.del-{os.getpid()}")
@@ -406,8 +464,9 @@ def save_checkpoint(
 
 def _class_name(model: nn.Module) -> str:
     """Class of the innermost module (through ``torch.compile``, DDP and FSDP2's subclass)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or \
-            isinstance(getattr(model, "module", None), nn.Module):
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
         model = getattr(model, "_orig_mod", None) or model.module
     return next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
 
@@ -419,8 +478,10 @@ def _check_file(ckpt: Path, meta: dict[str, Any], name: str, verify: bool) -> Pa
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     if file.stat().st_size != info.get("size"):
-        raise CheckpointError(f"{file} is truncated or corrupt: {file.stat().st_size} bytes, "
-                              f"expected {info.get('size')}")
+        raise CheckpointError(
+            f"{file} is truncated or corrupt: {file.stat().st_size} bytes, "
+            f"expected {info.get('size')}"
+        )
     if verify and _sha256(file) != info.get("sha256"):
         raise CheckpointError(f"{file} is corrupt: sha256 checksum mismatch")
     return file
@@ -434,10 +495,11 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
             aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
             state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{file} is truncated or corrupt ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from None
+        raise CheckpointError(
+            f"{file} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if state and all(k.startswith("module.") for k in state):  # written from a DDP module
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return {**state, **{alias: state[kept] for alias, kept in aliases.items() if kept in state}}
 
 
@@ -449,9 +511,11 @@ def _apply_weights(file: Path, model: nn.Module, strict: bool) -> None:
     names = set() if empty else set(get_model_state_dict(model, options=_options(model)))
     missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
     if strict and (missing or unexpected):
-        raise CheckpointError(f"{file} does not fit the model: missing from the checkpoint: "
-                              f"{', '.join(missing[:8]) or '-'}; not in the model: "
-                              f"{', '.join(unexpected[:8]) or '-'}")
+        raise CheckpointError(
+            f"{file} does not fit the model: missing from the checkpoint: "
+            f"{', '.join(missing[:8]) or '-'}; not in the model: "
+            f"{', '.join(unexpected[:8]) or '-'}"
+        )
     state = {k: v for k, v in state.items() if k in names}
     if not state:
         return
@@ -461,8 +525,9 @@ def _apply_weights(file: Path, model: nn.Module, strict: bool) -> None:
         raise CheckpointError(f"{file} does not fit the model: {exc}") from None
 
 
-def load_weights(path: str | os.PathLike[str], model: nn.Module, *, strict: bool = True,
-                 verify: bool = True) -> dict[str, Any]:
+def load_weights(
+    path: str | os.PathLike[str], model: nn.Module, *, strict: bool = True, verify: bool = True
+) -> dict[str, Any]:
     """Load only the weights of a checkpoint (or run, or bare ``.safetensors`` file) into ``model``.
 
     Returns:
@@ -482,8 +547,9 @@ def load_weights(path: str | os.PathLike[str], model: nn.Module, *, strict: bool
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     if strict and meta.get("model_class") not in (None, _class_name(model)):
-        raise CheckpointError(f"{ckpt} holds a {meta['model_class']} but the model is a "
-                              f"{_class_name(model)}")
+        raise CheckpointError(
+            f"{ckpt} holds a {meta['model_class']} but the model is a {_class_name(model)}"
+        )
     _apply_weights(_check_file(ckpt, meta, MODEL_FILE, verify), model, strict)
     return meta
 
@@ -529,14 +595,17 @@ def load_checkpoint(
         diffs = diff_configs(saved, config, sections)
         if diffs:
             flat_saved, flat_now = flatten_config(saved), flatten_config(config)
-            shown = "; ".join(f"{p} = {flat_saved[p]!r} in the checkpoint but {flat_now[p]!r} now"
-                              for p in diffs[:8])
+            shown = "; ".join(
+                f"{p} = {flat_saved[p]!r} in the checkpoint but {flat_now[p]!r} now"
+                for p in diffs[:8]
+            )
             raise CheckpointError(f"{ckpt} was saved with a different configuration: {shown}")
     try:
         payload = torch.load(files[STATE_FILE], map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and EOF errors all mean a corrupt file
-        raise CheckpointError(f"{files[STATE_FILE]} is truncated or corrupt "
-                              f"({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{files[STATE_FILE]} is truncated or corrupt ({type(exc).__name__})"
+        ) from None
     load_weights(ckpt, model, verify=False)
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is None:
@@ -549,7 +618,7 @@ def load_checkpoint(
             else:
                 scheduler.load_state_dict(payload[key])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AssertionError) as exc:
-            raise CheckpointError(f"cannot restore the {key} from {files[STATE_FILE]}: "
-                                  f"{exc}") from None
+            raise CheckpointError(
+                f"cannot restore the {key} from {files[STATE_FILE]}: {exc}"
+            ) from None
     return payload["train_state"]
-

@@ -104,8 +104,14 @@ def _interval(obj: Any, name: str, low: float, high: float, closed: str = "[)") 
 
 
 _OPTIONAL_INTS = frozenset(
-    {"intermediate_size", "num_kv_heads", "ffn_size", "compress_ffn_size", "max_train_bytes",
-     "max_valid_bytes"}
+    {
+        "intermediate_size",
+        "num_kv_heads",
+        "ffn_size",
+        "compress_ffn_size",
+        "max_train_bytes",
+        "max_valid_bytes",
+    }
 )
 
 # ------------------------------------------------------------------------------------ models
@@ -153,7 +159,9 @@ class AutoencoderConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _ints(self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size")
+        _ints(
+            self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size"
+        )
         _ints(self, 0, "num_token_layers", "num_chunk_layers")
         for name in ("kl_weight", "kl_clamp"):
             _interval(self, name, 0, math.inf)
@@ -201,17 +209,31 @@ class BackboneConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _ints(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size",
-              "max_seq_len")
+        _ints(
+            self,
+            1,
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_size",
+            "max_seq_len",
+        )
         for name in ("rope_theta", "norm_eps", "init_std"):
             _interval(self, name, 0, math.inf, "()")
-        _need(self.hidden_size % self.num_heads == 0,
-              f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        _need(self.num_heads % self.resolved_kv_heads == 0,
-              f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-              f"({self.resolved_kv_heads})")
-        _need(self.head_dim % 2 == 0,
-              f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings")
+        _need(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})",
+        )
+        _need(
+            self.num_heads % self.resolved_kv_heads == 0,
+            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+            f"({self.resolved_kv_heads})",
+        )
+        _need(
+            self.head_dim % 2 == 0,
+            f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings",
+        )
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -275,13 +297,22 @@ class HeadConfig:
         _choice(self, "type", HEAD_TYPES)
         _choice(self, "flow_solver", ("euler", "midpoint"))
         _choice(self, "flow_time_dist", ("uniform", "logit_normal"))
-        _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps",
-              "diffusion_steps")
+        _ints(
+            self,
+            1,
+            "hidden_size",
+            "noise_size",
+            "max_target_draws",
+            "flow_steps",
+            "diffusion_steps",
+        )
         _ints(self, 0, "num_blocks")
         _ints(self, 2, "num_samples", "diffusion_train_steps")
-        _need(self.diffusion_steps <= self.diffusion_train_steps,
-              f"diffusion_steps must be <= diffusion_train_steps, got {self.diffusion_steps} > "
-              f"{self.diffusion_train_steps}")
+        _need(
+            self.diffusion_steps <= self.diffusion_train_steps,
+            f"diffusion_steps must be <= diffusion_train_steps, got {self.diffusion_steps} > "
+            f"{self.diffusion_train_steps}",
+        )
         _interval(self, "beta", 0, 2, "()")
         _interval(self, "diffusion_eta", 0, 1, "[]")
         _interval(self, "norm_eps", 0, math.inf, "()")
@@ -376,8 +407,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("train_files", "valid_files"):
-            _need(isinstance(getattr(self, name), list), f"{name} must be a list of paths or "
-                  f"glob patterns, got {getattr(self, name)!r}")
+            _need(
+                isinstance(getattr(self, name), list),
+                f"{name} must be a list of paths or glob patterns, got {getattr(self, name)!r}",
+            )
         _ints(self, 257, "vocab_size")
         _ints(self, 1, "block_len", "max_train_bytes", "max_valid_bytes", "tokenizer_train_bytes")
         _interval(self, "valid_fraction", 0, 1, "()")
@@ -411,12 +444,16 @@ class OptimConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _need(self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in
-              _TORCH_OPTIMIZER_NAMES, f"name: unknown optimizer {self.name!r}; valid names: "
-              f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'")
+        _need(
+            self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in _TORCH_OPTIMIZER_NAMES,
+            f"name: unknown optimizer {self.name!r}; valid names: "
+            f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'",
+        )
         _interval(self, "lr", 0, math.inf, "()")
-        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-              f"betas must lie in [0, 1), got {tuple(self.betas)}")
+        _need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must lie in [0, 1), got {tuple(self.betas)}",
+        )
         for name in ("weight_decay", "grad_clip", "momentum"):
             _interval(self, name, 0, math.inf)
         _interval(self, "eps", 0, math.inf, "()")
@@ -492,10 +529,12 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _ints(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride",
-              "keep_last")
-        _ints(self, 0, "eval_every", "save_every", "log_every", "num_threads",
-              "max_nonfinite_skips")
+        _ints(
+            self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride", "keep_last"
+        )
+        _ints(
+            self, 0, "eval_every", "save_every", "log_every", "num_threads", "max_nonfinite_skips"
+        )
         if self.max_time_s is not None:
             _interval(self, "max_time_s", 0, math.inf, "()")
         _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
@@ -532,16 +571,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice(self, "stage", STAGES)
         k = self.chunk_size
-        _need(self.data.block_len % k == 0,
-              f"data.block_len={self.data.block_len} must be a multiple of K={k}")
+        _need(
+            self.data.block_len % k == 0,
+            f"data.block_len={self.data.block_len} must be a multiple of K={k}",
+        )
         if self.stage == "calm":
-            _need(bool(self.autoencoder_path), "autoencoder_path: the calm stage needs a trained "
-                  "autoencoder run")
+            _need(
+                bool(self.autoencoder_path),
+                "autoencoder_path: the calm stage needs a trained autoencoder run",
+            )
             _need(self.data.block_len >= 2 * k, f"data.block_len must hold 2 chunks of {k} tokens")
         if self.stage != "autoencoder":
-            _need(self.run.eval_stride % k == 0 and self.run.eval_stride + 4 <= self.data.block_len,
-                  f"run.eval_stride={self.run.eval_stride} must be a multiple of K={k} and at most "
-                  f"data.block_len - 4 = {self.data.block_len - 4} (a 4-token BrierLM target)")
+            _need(
+                self.run.eval_stride % k == 0 and self.run.eval_stride + 4 <= self.data.block_len,
+                f"run.eval_stride={self.run.eval_stride} must be a multiple of K={k} and at most "
+                f"data.block_len - 4 = {self.data.block_len - 4} (a 4-token BrierLM target)",
+            )
 
     @property
     def chunk_size(self) -> int:
@@ -550,8 +595,11 @@ class TrainConfig:
 
     def model_sections(self) -> list[str]:
         """Sections that define this stage's weights (they must match when resuming)."""
-        return {"autoencoder": ["autoencoder"], "calm": ["autoencoder", "calm"],
-                "ar": ["baseline"]}[self.stage]
+        return {
+            "autoencoder": ["autoencoder"],
+            "calm": ["autoencoder", "calm"],
+            "ar": ["baseline"],
+        }[self.stage]
 
 
 @dataclass
@@ -589,23 +637,34 @@ class PipelineConfig:
 
 def _tiny(stage: str) -> TrainConfig:
     """Trains on a 2-core CPU in minutes on the embedded standard-library corpus."""
-    backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704,
-                              max_seq_len=256)
+    backbone = BackboneConfig(
+        hidden_size=256, num_layers=4, num_heads=4, ffn_size=704, max_seq_len=256
+    )
     lm = stage != "autoencoder"
     return TrainConfig(
         stage=stage,
         autoencoder_path="-" if stage == "calm" else None,
-        data=DataConfig(vocab_size=2048, block_len=64, max_train_bytes=3_000_000,
-                        max_valid_bytes=300_000, tokenizer_train_bytes=3_000_000),
-        autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640,
-                                      random_token_prob=0.02),
+        data=DataConfig(
+            vocab_size=2048,
+            block_len=64,
+            max_train_bytes=3_000_000,
+            max_valid_bytes=300_000,
+            tokenizer_train_bytes=3_000_000,
+        ),
+        autoencoder=AutoencoderConfig(
+            vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02
+        ),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2)),
         baseline=backbone,
         optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=100 if lm else 50),
-        run=RunConfig(out_dir=f"runs/tiny-{stage}", steps=3000 if lm else 400,
-                      batch_size=16 if lm else 32, eval_every=1000 if lm else 100,
-                      eval_batches=16 if lm else 4),
+        run=RunConfig(
+            out_dir=f"runs/tiny-{stage}",
+            steps=3000 if lm else 400,
+            batch_size=16 if lm else 32,
+            eval_every=1000 if lm else 100,
+            eval_batches=16 if lm else 4,
+        ),
     )
 
 
@@ -614,18 +673,29 @@ def _small(stage: str) -> TrainConfig:
     cfg = _tiny(stage)
     return replace(
         cfg,
-        data=replace(cfg.data, vocab_size=4096, block_len=128, max_train_bytes=None,
-                     max_valid_bytes=None, tokenizer_train_bytes=20_000_000),
+        data=replace(
+            cfg.data,
+            vocab_size=4096,
+            block_len=128,
+            max_train_bytes=None,
+            max_valid_bytes=None,
+            tokenizer_train_bytes=20_000_000,
+        ),
         autoencoder=replace(cfg.autoencoder, vocab_size=4096),
-        run=replace(cfg.run, out_dir=f"runs/small-{stage}", eval_every=500,
-                    steps=3300 if stage == "autoencoder" else 3000),
+        run=replace(
+            cfg.run,
+            out_dir=f"runs/small-{stage}",
+            eval_every=500,
+            steps=3300 if stage == "autoencoder" else 3000,
+        ),
     )
 
 
 def _m(stage: str) -> TrainConfig:
     """The CALM paper's M size (K=4, l=128; a GPU preset)."""
-    backbone = BackboneConfig(hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752,
-                              max_seq_len=2048)
+    backbone = BackboneConfig(
+        hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752, max_seq_len=2048
+    )
     return TrainConfig(
         stage=stage,
         autoencoder_path="-" if stage == "calm" else None,
@@ -635,8 +705,15 @@ def _m(stage: str) -> TrainConfig:
         baseline=backbone,
         optim=OptimConfig(lr=3e-4),
         schedule=ScheduleConfig(kind="constant", warmup_steps=2000),
-        run=RunConfig(out_dir=f"runs/m-{stage}", steps=250_000, batch_size=8, grad_accum=8,
-                      eval_every=2000, eval_batches=32, save_every=2000),
+        run=RunConfig(
+            out_dir=f"runs/m-{stage}",
+            steps=250_000,
+            batch_size=8,
+            grad_accum=8,
+            eval_every=2000,
+            eval_batches=32,
+            save_every=2000,
+        ),
     )
 
 
@@ -701,8 +778,9 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if suffix not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(f"unsupported config file type {suffix!r} for {path}; "
-                          "use .yaml, .yml or .toml")
+        raise ConfigError(
+            f"unsupported config file type {suffix!r} for {path}; use .yaml, .yml or .toml"
+        )
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
@@ -811,8 +889,11 @@ def flatten_config(cfg: Any) -> dict[str, Any]:
 
     def walk(node: Any, prefix: str) -> dict[str, Any]:
         if isinstance(node, dict) and node:
-            return {k: v for key, value in node.items()
-                    for k, v in walk(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+            return {
+                k: v
+                for key, value in node.items()
+                for k, v in walk(value, f"{prefix}.{key}" if prefix else str(key)).items()
+            }
         return {prefix: node}
 
     return walk(config_to_dict(cfg), "")
@@ -835,5 +916,8 @@ def diff_configs(a: Any, b: Any, sections: list[str] | None = None) -> list[str]
         ['model.h']
     """
     fa, fb = flatten_config(a), flatten_config(b)
-    return sorted(p for p in fa.keys() & fb.keys()
-                  if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p])
+    return sorted(
+        p
+        for p in fa.keys() & fb.keys()
+        if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p]
+    )

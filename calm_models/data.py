@@ -40,10 +40,23 @@ from tqdm.auto import tqdm
 from calm_models._layers import atomic_write
 from calm_models.config import DataConfig
 
-__all__ = ["BlockLoader", "DataConfig", "DataError", "Document", "PackedBlocks", "TextTokenizer",
-           "TokenCache", "build_token_cache", "default_cache_dir", "detect_format",
-           "encode_documents", "expand_paths", "prepare_data", "read_documents",
-           "stdlib_source_files"]
+__all__ = [
+    "BlockLoader",
+    "DataConfig",
+    "DataError",
+    "Document",
+    "PackedBlocks",
+    "TextTokenizer",
+    "TokenCache",
+    "build_token_cache",
+    "default_cache_dir",
+    "detect_format",
+    "encode_documents",
+    "expand_paths",
+    "prepare_data",
+    "read_documents",
+    "stdlib_source_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +66,9 @@ _DEFAULT_EOS = "<|endoftext|>"
 _CACHE_VERSION = 2
 _ENCODE_BATCH_CHARS, _ENCODE_BATCH_DOCS = 1 << 20, 1024
 _WIKI_TITLE = re.compile(r"^ = (?!=)(.*?)(?<!=) = $")  # " = Title = ", not " = = Sub = = "
-_STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests",
-                              "idle_test"})
+_STDLIB_EXCLUDED = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
 
 
 class DataError(ValueError):
@@ -97,10 +111,13 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if path.is_file():
             matches = [path]
         elif path.is_dir():
-            raise DataError(f"{text}: is a directory; pass a glob pattern such as '{text}/**/*.txt'")
+            raise DataError(
+                f"{text}: is a directory; pass a glob pattern such as '{text}/**/*.txt'"
+            )
         elif any(c in text for c in "*?["):
-            matches = [m for m in sorted(Path(m) for m in _glob.glob(text, recursive=True))
-                       if m.is_file()]
+            matches = [
+                m for m in sorted(Path(m) for m in _glob.glob(text, recursive=True)) if m.is_file()
+            ]
             if not matches:
                 raise DataError(f"{text}: the glob pattern matches no file")
         else:
@@ -135,8 +152,10 @@ def _decode(data: bytes, path: Path, errors: str, line: int = 1) -> str:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         line += data.count(b"\n", 0, e.start)
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); pass "
-                        "errors='replace' to substitute U+FFFD for invalid bytes") from None
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); pass "
+            "errors='replace' to substitute U+FFFD for invalid bytes"
+        ) from None
 
 
 def _read_text(path: Path, split_paragraphs: bool, errors: str) -> Iterator[Document]:
@@ -155,7 +174,13 @@ def _read_text(path: Path, split_paragraphs: bool, errors: str) -> Iterator[Docu
                 block.append(line)
             elif block:
                 text = "".join(block)
-                text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+                text = (
+                    text[:-2]
+                    if text.endswith("\r\n")
+                    else text[:-1]
+                    if text.endswith("\n")
+                    else text
+                )
                 yield Document(text, f"{path}:{start}")
                 block = []
 
@@ -169,17 +194,23 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             try:
                 record = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise DataError(
+                    f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                ) from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object with a {text_field!r} field, "
-                                f"got {type(record).__name__}")
+                raise DataError(
+                    f"{where}: expected a JSON object with a {text_field!r} field, "
+                    f"got {type(record).__name__}"
+                )
             if text_field not in record:
                 raise DataError(f"{where}: no {text_field!r} field (keys: {sorted(record)})")
             if not isinstance(record[text_field], str):
-                raise DataError(f"{where}: the {text_field!r} field must be a string, got "
-                                f"{type(record[text_field]).__name__}")
+                raise DataError(
+                    f"{where}: the {text_field!r} field must be a string, got "
+                    f"{type(record[text_field]).__name__}"
+                )
             yield Document(record[text_field], where)
 
 
@@ -226,7 +257,9 @@ def read_documents(
         [('one', 'a.jsonl:1'), ('two', 'a.jsonl:3')]
     """
     if format not in ("auto", "text", "jsonl", "wikitext", "python"):
-        raise DataError(f"format: expected one of auto, text, jsonl, wikitext, python, got {format!r}")
+        raise DataError(
+            f"format: expected one of auto, text, jsonl, wikitext, python, got {format!r}"
+        )
     if errors not in ("strict", "replace"):
         raise DataError(f"errors: expected 'strict' or 'replace', got {errors!r}")
     files = expand_paths(paths)
@@ -272,8 +305,9 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def stdlib_source_files(*, max_bytes: int | None = None, split: str = "train",
-                        root: str | os.PathLike | None = None) -> list[Path]:
+def stdlib_source_files(
+    *, max_bytes: int | None = None, split: str = "train", root: str | os.PathLike | None = None
+) -> list[Path]:
     """The Python standard library's ``.py`` files (no tests, no site-packages): the default corpus.
 
     About 5% of the files (``sha256(relative path) mod 1000 < 50``) are the ``"valid"`` split,
@@ -344,19 +378,23 @@ class TextTokenizer:
             self._tok.encode_special_tokens = True
         self.fingerprint = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
         if eos_token is None:
-            eos_token = next((t for t in EOS_CANDIDATES if self._tok.token_to_id(t) is not None),
-                             None)
+            eos_token = next(
+                (t for t in EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None
+            )
             if eos_token is None:
-                raise DataError(f"no end-of-sequence token found (tried {list(EOS_CANDIDATES)}); "
-                                "pass eos_token= (data.eos_token) explicitly")
+                raise DataError(
+                    f"no end-of-sequence token found (tried {list(EOS_CANDIDATES)}); "
+                    "pass eos_token= (data.eos_token) explicitly"
+                )
         elif self._tok.token_to_id(eos_token) is None:
             raise DataError(f"eos_token: {eos_token!r} is not in the tokenizer's vocabulary")
         self.eos_token = eos_token
         self.eos_id = self.pad_id = self._tok.token_to_id(eos_token)
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
-                  ) -> TextTokenizer:
+    def train_bpe(
+        cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
+    ) -> TextTokenizer:
         """A byte-level BPE (GPT-2 pre-tokenizer) of ``vocab_size`` tokens; ``<|endoftext|>`` is id 0.
 
         Example:
@@ -366,13 +404,19 @@ class TextTokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if not isinstance(vocab_size, int) or vocab_size < 257:
-            raise DataError(f"vocab_size: expected an int >= 257 (256 bytes + EOS), got {vocab_size!r}")
+            raise DataError(
+                f"vocab_size: expected an int >= 257 (256 bytes + EOS), got {vocab_size!r}"
+            )
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=[_DEFAULT_EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[_DEFAULT_EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, eos_token=_DEFAULT_EOS)
 
@@ -416,8 +460,9 @@ class TextTokenizer:
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [enc.ids for enc in fast(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor, *,
-               skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, ids: Sequence[int] | np.ndarray | torch.Tensor, *, skip_special_tokens: bool = False
+    ) -> str:
         """Text of 1-D ids; out-of-range ids are a ``ValueError`` naming the first."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
@@ -426,12 +471,15 @@ class TextTokenizer:
             raise ValueError(f"ids: expected a 1-D sequence, got shape {tuple(ids.shape)}")
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bad.any():
-            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])} at "
-                             f"index {int(bad.argmax())}")
+            raise ValueError(
+                f"ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])} at "
+                f"index {int(bad.argmax())}"
+            )
         return self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
-    def decode_batch(self, batch: Sequence[Sequence[int]] | torch.Tensor, *,
-                     skip_special_tokens: bool = False) -> list[str]:
+    def decode_batch(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, *, skip_special_tokens: bool = False
+    ) -> list[str]:
         """Texts of a batch of id sequences (rows of a 2-D tensor or a list of lists)."""
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
 
@@ -446,8 +494,9 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _encoded_batches(tokenizer: TextTokenizer, docs: Iterable[Document]
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _encoded_batches(
+    tokenizer: TextTokenizer, docs: Iterable[Document]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(tokens, each document followed by EOS; lengths)`` per batch of documents."""
     dtype, eos = _token_dtype(tokenizer.vocab_size), [tokenizer.eos_id]
     texts: list[str] = []
@@ -456,7 +505,9 @@ def _encoded_batches(tokenizer: TextTokenizer, docs: Iterable[Document]
         if doc is not None:
             texts.append(doc.text)
             chars += len(doc.text)
-        if texts and (doc is None or chars >= _ENCODE_BATCH_CHARS or len(texts) >= _ENCODE_BATCH_DOCS):
+        if texts and (
+            doc is None or chars >= _ENCODE_BATCH_CHARS or len(texts) >= _ENCODE_BATCH_DOCS
+        ):
             ids = tokenizer.encode_batch(texts)
             lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
             flat = itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids)
@@ -468,8 +519,9 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
-def encode_documents(tokenizer: TextTokenizer, docs: Iterable[Document | str]
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(
+    tokenizer: TextTokenizer, docs: Iterable[Document | str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise in memory into one stream with an EOS after every document.
 
     Returns:
@@ -483,8 +535,11 @@ def encode_documents(tokenizer: TextTokenizer, docs: Iterable[Document | str]
     """
     stream = (d if isinstance(d, Document) else Document(d, "<str>") for d in docs)
     parts = list(_encoded_batches(tokenizer, stream))
-    tokens = np.concatenate([p[0] for p in parts]) if parts else \
-        np.zeros(0, _token_dtype(tokenizer.vocab_size))
+    tokens = (
+        np.concatenate([p[0] for p in parts])
+        if parts
+        else np.zeros(0, _token_dtype(tokenizer.vocab_size))
+    )
     lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     return tokens, _starts(lengths)
 
@@ -527,12 +582,16 @@ def _open_cache(tokens_path: Path, docs_path: Path, meta_path: Path) -> TokenCac
         dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
         if tokens_path.stat().st_size != n * dtype.itemsize:
             raise ValueError(f"{tokens_path.stat().st_size} bytes, expected {n * dtype.itemsize}")
-        tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        tokens = (
+            np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        )
         starts = np.load(docs_path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"token cache {tokens_path} is truncated or corrupt ({exc}); delete "
-                        f"{tokens_path.name}, {docs_path.name} and {meta_path.name} in "
-                        f"{tokens_path.parent} to rebuild it") from None
+        raise DataError(
+            f"token cache {tokens_path} is truncated or corrupt ({exc}); delete "
+            f"{tokens_path.name}, {docs_path.name} and {meta_path.name} in "
+            f"{tokens_path.parent} to rebuild it"
+        ) from None
     return TokenCache(tokens_path, tokens, starts, built=False, meta=meta)
 
 
@@ -569,20 +628,40 @@ def build_token_cache(
     """
     files = expand_paths(paths)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    options = {"format": format, "split_paragraphs": bool(split_paragraphs),
-               "text_field": text_field, "errors": errors, "max_bytes": max_bytes}
-    key_data = {"version": _CACHE_VERSION, "tokenizer": tokenizer.fingerprint, "options": options,
-                "eos_id": tokenizer.eos_id,
-                "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    options = {
+        "format": format,
+        "split_paragraphs": bool(split_paragraphs),
+        "text_field": text_field,
+        "errors": errors,
+        "max_bytes": max_bytes,
+    }
+    key_data = {
+        "version": _CACHE_VERSION,
+        "tokenizer": tokenizer.fingerprint,
+        "options": options,
+        "eos_id": tokenizer.eos_id,
+        "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    paths3 = (cache_dir / f"tokens-{key}.bin", cache_dir / f"docs-{key}.npy",
-              cache_dir / f"meta-{key}.json")
+    paths3 = (
+        cache_dir / f"tokens-{key}.bin",
+        cache_dir / f"docs-{key}.npy",
+        cache_dir / f"meta-{key}.json",
+    )
     if paths3[2].is_file():
         logger.info("reusing token cache %s", paths3[0])
         return _open_cache(*paths3)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    docs = _limit_bytes(read_documents(files, format=format, split_paragraphs=split_paragraphs,
-                                       text_field=text_field, errors=errors), max_bytes)
+    docs = _limit_bytes(
+        read_documents(
+            files,
+            format=format,
+            split_paragraphs=split_paragraphs,
+            text_field=text_field,
+            errors=errors,
+        ),
+        max_bytes,
+    )
     stats = {"num_tokens": 0, "num_documents": 0, "text_bytes": 0, "truncated": False}
     lengths: list[np.ndarray] = []
     start = time.perf_counter()
@@ -594,8 +673,11 @@ def build_token_cache(
             yield doc
 
     def write_tokens(fh) -> None:
-        with tqdm(desc=f"tokenising {len(files)} file(s)", unit="doc",
-                  disable=None if progress is None else not progress) as bar:
+        with tqdm(
+            desc=f"tokenising {len(files)} file(s)",
+            unit="doc",
+            disable=None if progress is None else not progress,
+        ) as bar:
             for tokens, lens in _encoded_batches(tokenizer, counted(docs)):
                 fh.write(tokens.tobytes())
                 lengths.append(lens)
@@ -605,8 +687,13 @@ def build_token_cache(
 
     atomic_write(paths3[0], write_tokens)
     atomic_write(paths3[1], lambda fh: np.save(fh, _starts(np.concatenate(lengths))))
-    meta = {**key_data, "key": key, "dtype": _token_dtype(tokenizer.vocab_size).name, **stats,
-            "seconds": round(time.perf_counter() - start, 3)}
+    meta = {
+        **key_data,
+        "key": key,
+        "dtype": _token_dtype(tokenizer.vocab_size).name,
+        **stats,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     atomic_write(paths3[2], json.dumps(meta, indent=1).encode())
     cache = _open_cache(*paths3)
     return TokenCache(cache.path, cache.tokens, cache.doc_starts, built=True, meta=meta)
@@ -637,11 +724,14 @@ class PackedBlocks:
         Batch(tokens=tensor([[8, 9, 0, 0]]), mask=tensor([[ True,  True, False, False]]))
     """
 
-    def __init__(self, tokens: np.ndarray, block_len: int, chunk_size: int, *,
-                 pad_id: int | None = None) -> None:
+    def __init__(
+        self, tokens: np.ndarray, block_len: int, chunk_size: int, *, pad_id: int | None = None
+    ) -> None:
         if not isinstance(block_len, int) or block_len <= 0 or block_len % chunk_size:
-            raise DataError(f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
-                            f"got {block_len!r}")
+            raise DataError(
+                f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
+                f"got {block_len!r}"
+            )
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
         if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or len(tokens) == 0:
@@ -654,7 +744,9 @@ class PackedBlocks:
         self._num_full = self.num_tokens // block_len
         self._full = tokens[: self._num_full * block_len].reshape(self._num_full, block_len)
         rest = tokens[self._num_full * block_len :]
-        self._tail = np.concatenate([rest, np.full(block_len - len(rest), self.pad_id)]).astype(np.int64)
+        self._tail = np.concatenate([rest, np.full(block_len - len(rest), self.pad_id)]).astype(
+            np.int64
+        )
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -690,8 +782,10 @@ class PackedBlocks:
         return Batch(self.get_batch(idx), pos < self.num_tokens)
 
     def __repr__(self) -> str:
-        return (f"PackedBlocks(num_blocks={self.num_blocks}, block_len={self.block_len}, "
-                f"num_tokens={self.num_tokens}, num_padding={self.num_padding})")
+        return (
+            f"PackedBlocks(num_blocks={self.num_blocks}, block_len={self.block_len}, "
+            f"num_tokens={self.num_tokens}, num_padding={self.num_padding})"
+        )
 
 
 class BlockLoader:
@@ -714,8 +808,16 @@ class BlockLoader:
         True
     """
 
-    def __init__(self, blocks: PackedBlocks, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        blocks: PackedBlocks,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -725,9 +827,11 @@ class BlockLoader:
         self.global_batch_size = batch_size * world_size
         self.num_blocks = len(blocks)
         if self.num_blocks < self.global_batch_size:
-            raise DataError(f"the dataset has {self.num_blocks} blocks, fewer than one global batch "
-                            f"of {self.global_batch_size} (batch_size={batch_size} x world_size="
-                            f"{world_size}); use more data, a smaller batch or a shorter block_len")
+            raise DataError(
+                f"the dataset has {self.num_blocks} blocks, fewer than one global batch "
+                f"of {self.global_batch_size} (batch_size={batch_size} x world_size="
+                f"{world_size}); use more data, a smaller batch or a shorter block_len"
+            )
         self.epoch, self.offset = 0, 0  # position: blocks of this epoch already taken
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -758,8 +862,13 @@ class BlockLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position, for an exact resume: ``epoch``, ``offset`` and the identity of the data."""
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed,
-                "shuffle": self.shuffle, "num_blocks": self.num_blocks}
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_blocks": self.num_blocks,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position (any batch size or world size; same seed and data).
@@ -769,8 +878,10 @@ class BlockLoader:
         """
         for name in ("seed", "shuffle", "num_blocks"):
             if state.get(name) != getattr(self, name):
-                raise ValueError(f"the saved data position has {name}={state.get(name)!r} but this "
-                                 f"run has {name}={getattr(self, name)!r}")
+                raise ValueError(
+                    f"the saved data position has {name}={state.get(name)!r} but this "
+                    f"run has {name}={getattr(self, name)!r}"
+                )
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or not 0 <= offset <= self.num_blocks:
             raise ValueError(f"invalid data position epoch={epoch}, offset={offset}")
@@ -780,8 +891,9 @@ class BlockLoader:
 # ------------------------------------------------------------------------------------- assembly
 
 
-def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, *, chunk_size: int,
-                 progress: bool | None = None) -> tuple[TextTokenizer, PackedBlocks, PackedBlocks]:
+def prepare_data(
+    cfg: DataConfig, run_dir: str | os.PathLike, *, chunk_size: int, progress: bool | None = None
+) -> tuple[TextTokenizer, PackedBlocks, PackedBlocks]:
     """The tokenizer and the train/validation blocks of a run.
 
     Resolves the training source (``train_files`` or the standard library), loads or trains the
@@ -798,12 +910,18 @@ def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, *, chunk_size: int
         (300, 64, True)
     """
     if cfg.block_len % chunk_size:
-        raise DataError(f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
-                        f"got {cfg.block_len}")
+        raise DataError(
+            f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
+            f"got {cfg.block_len}"
+        )
     run_dir = Path(run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = {"format": cfg.format, "split_paragraphs": cfg.split_paragraphs,
-               "text_field": cfg.text_field, "errors": cfg.errors}
+    options = {
+        "format": cfg.format,
+        "split_paragraphs": cfg.split_paragraphs,
+        "text_field": cfg.text_field,
+        "errors": cfg.errors,
+    }
     stdlib = {**options, "format": "python"}
     if cfg.train_files:
         train_paths, train_options = expand_paths(cfg.train_files), options
@@ -812,37 +930,48 @@ def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, *, chunk_size: int
     tokenizer = _run_tokenizer(cfg, run_dir, train_paths, train_options)
 
     def cache(paths, opts, max_bytes):
-        return build_token_cache(tokenizer, paths, cfg.cache_dir, max_bytes=max_bytes,
-                                 progress=progress, **opts).tokens
+        return build_token_cache(
+            tokenizer, paths, cfg.cache_dir, max_bytes=max_bytes, progress=progress, **opts
+        ).tokens
 
     train_tokens = cache(train_paths, train_options, cfg.max_train_bytes)
     if cfg.valid_files:
         valid_tokens = cache(cfg.valid_files, options, cfg.max_valid_bytes)
     elif not cfg.train_files:
-        valid_tokens = cache(stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes),
-                             stdlib, cfg.max_valid_bytes)
+        valid_tokens = cache(
+            stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes),
+            stdlib,
+            cfg.max_valid_bytes,
+        )
     else:
         n = len(train_tokens)
         held = max(1, round(cfg.valid_fraction * n / cfg.block_len)) * cfg.block_len
         if n - held < cfg.block_len:
-            raise DataError(f"train_files: {n} tokens are too few to hold out {held} validation "
-                            f"tokens (valid_fraction={cfg.valid_fraction}, block_len="
-                            f"{cfg.block_len}) and keep a training block; add data or set valid_files")
+            raise DataError(
+                f"train_files: {n} tokens are too few to hold out {held} validation "
+                f"tokens (valid_fraction={cfg.valid_fraction}, block_len="
+                f"{cfg.block_len}) and keep a training block; add data or set valid_files"
+            )
         train_tokens, valid_tokens = train_tokens[: n - held], train_tokens[n - held :]
-    return tokenizer, *(PackedBlocks(t, cfg.block_len, chunk_size, pad_id=tokenizer.eos_id)
-                        for t in (train_tokens, valid_tokens))
+    return tokenizer, *(
+        PackedBlocks(t, cfg.block_len, chunk_size, pad_id=tokenizer.eos_id)
+        for t in (train_tokens, valid_tokens)
+    )
 
 
-def _run_tokenizer(cfg: DataConfig, run_dir: Path, train_paths: list[Path],
-                   options: dict[str, Any]) -> TextTokenizer:
+def _run_tokenizer(
+    cfg: DataConfig, run_dir: Path, train_paths: list[Path], options: dict[str, Any]
+) -> TextTokenizer:
     saved = run_dir / "tokenizer.json"
     if cfg.tokenizer is not None:
         tokenizer = TextTokenizer.load(cfg.tokenizer, eos_token=cfg.eos_token)
     elif saved.is_file():
         tokenizer = TextTokenizer.load(saved, eos_token=cfg.eos_token)
         if tokenizer.vocab_size > cfg.vocab_size:
-            raise DataError(f"vocab_size: {saved} has {tokenizer.vocab_size} tokens but vocab_size="
-                            f"{cfg.vocab_size}; delete it to train a new tokenizer or fix vocab_size")
+            raise DataError(
+                f"vocab_size: {saved} has {tokenizer.vocab_size} tokens but vocab_size="
+                f"{cfg.vocab_size}; delete it to train a new tokenizer or fix vocab_size"
+            )
         return tokenizer
     else:
         budget = min(cfg.tokenizer_train_bytes, cfg.max_train_bytes or cfg.tokenizer_train_bytes)

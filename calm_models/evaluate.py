@@ -38,11 +38,12 @@ def evaluation_starts(length: int, stride: int, max_order: int = 4) -> torch.Ten
     """
     if stride < 1 or max_order < 1:
         raise ValueError(f"stride and max_order must be >= 1, got {stride}, {max_order}")
-    starts = torch.arange(stride, length - max_order + 1, stride)
-    if starts.numel() == 0:
-        raise ValueError(f"no evaluation position fits a block of {length} tokens with stride "
-                         f"{stride} and {max_order}-token targets (need length >= stride + max_order)")
-    return starts
+    if stride + max_order > length:
+        raise ValueError(
+            f"no evaluation position fits a block of {length} tokens with stride "
+            f"{stride} and {max_order}-token targets (need length >= stride + max_order)"
+        )
+    return torch.arange(stride, length - max_order + 1, stride)
 
 
 @torch.no_grad()
@@ -70,8 +71,9 @@ def evaluate_brier_lm(
         ValueError: A stride that is not a multiple of the chunk size.
     """
     if stride % model.chunk_size:
-        raise ValueError(f"stride={stride} must be a multiple of the model's chunk size "
-                         f"{model.chunk_size}")
+        raise ValueError(
+            f"stride={stride} must be a multiple of the model's chunk size {model.chunk_size}"
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -95,10 +97,14 @@ def evaluate_brier_lm(
 def format_result(result: BrierLMResult, title: str = "") -> str:
     """A Markdown table of Brier-1..n and BrierLM with standard errors."""
     lines = ([title] if title else []) + ["| metric | value | std. error |", "|---|---|---|"]
-    lines += [f"| Brier-{i} | {v:.4f} | {se:.4f} |"
-              for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), 1)]
-    lines += [f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |",
-              f"| positions | {result.count} | |"]
+    lines += [
+        f"| Brier-{i} | {v:.4f} | {se:.4f} |"
+        for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), 1)
+    ]
+    lines += [
+        f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |",
+        f"| positions | {result.count} | |",
+    ]
     return "\n".join(lines)
 
 
@@ -121,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     from calm_models.data import DataError
     from calm_models.runs import RunError, load_run
 
-    parser = argparse.ArgumentParser(prog="python -m calm_models.evaluate",
-                                     description="BrierLM of a trained model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m calm_models.evaluate", description="BrierLM of a trained model."
+    )
     parser.add_argument("checkpoint", help="run directory or checkpoint directory")
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
     parser.add_argument("--batches", type=_non_negative, default=0, help="max batches (0: all)")
     parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--block-len", type=_non_negative, default=0,
-                        help="default: the run's block_len")
+    parser.add_argument(
+        "--block-len", type=_non_negative, default=0, help="default: the run's block_len"
+    )
     parser.add_argument("--stride", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -139,37 +147,61 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out: the folder {Path(args.out).parent} does not exist")
         run = load_run(args.checkpoint, device=args.device)
         if run.config.stage == "autoencoder":
-            raise ValueError(f"{args.checkpoint} is an autoencoder run; BrierLM scores a language "
-                             "model (use calm_models.robustness for an autoencoder)")
+            raise ValueError(
+                f"{args.checkpoint} is an autoencoder run; BrierLM scores a language "
+                "model (use calm_models.robustness for an autoencoder)"
+            )
         model, k = run.model, run.model.chunk_size
         block_len = args.block_len or run.config.data.block_len
         if block_len % k or block_len > model.max_tokens:
-            raise ValueError(f"--block-len must be a multiple of K={k} and at most the model's "
-                             f"{model.max_tokens} tokens, got {block_len}")
+            raise ValueError(
+                f"--block-len must be a multiple of K={k} and at most the model's "
+                f"{model.max_tokens} tokens, got {block_len}"
+            )
         if args.stride % k:
-            raise ValueError(f"--stride must be a multiple of the chunk size K={k}, got {args.stride}")
+            raise ValueError(
+                f"--stride must be a multiple of the chunk size K={k}, got {args.stride}"
+            )
         evaluation_starts(block_len, args.stride)
         blocks = run.blocks(args.data, block_len)
     except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""),
-          file=sys.stderr)
+    print(
+        f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""),
+        file=sys.stderr,
+    )
     n = len(blocks)
     num_batches = -(-n // args.batch_size)
     num_batches = min(num_batches, args.batches) if args.batches else num_batches
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batches = (blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size)))
-               for i in range(num_batches))
-    result = evaluate_brier_lm(model, batches, stride=args.stride, generator=generator,
-                               progress=True)
+    batches = (
+        blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size)))
+        for i in range(num_batches)
+    )
+    result = evaluate_brier_lm(
+        model, batches, stride=args.stride, generator=generator, progress=True
+    )
     source = ", ".join(args.data) if args.data else "validation split"
-    print(format_result(result, f"{run.config.stage} {run.checkpoint} (step {run.step}) on {source}"))
+    print(
+        format_result(result, f"{run.config.stage} {run.checkpoint} (step {run.step}) on {source}")
+    )
     out = Path(args.out) if args.out else run.checkpoint / "brier_lm.json"
-    atomic_write(out, to_json({"checkpoint": str(run.checkpoint), "step": run.step,
-                               "data": args.data, "stride": args.stride, "block_len": block_len,
-                               **result.to_dict()}, indent=2).encode())
+    atomic_write(
+        out,
+        to_json(
+            {
+                "checkpoint": str(run.checkpoint),
+                "step": run.step,
+                "data": args.data,
+                "stride": args.stride,
+                "block_len": block_len,
+                **result.to_dict(),
+            },
+            indent=2,
+        ).encode(),
+    )
     print(f"wrote {out}")
     return 0
 

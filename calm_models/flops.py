@@ -23,8 +23,14 @@ from torch import nn
 
 from calm_models.config import BackboneConfig
 
-__all__ = ["autoencoder_flops", "backbone_flops", "calm_flops", "head_flops", "linear_flops",
-           "token_lm_flops"]
+__all__ = [
+    "autoencoder_flops",
+    "backbone_flops",
+    "calm_flops",
+    "head_flops",
+    "linear_flops",
+    "token_lm_flops",
+]
 
 
 def linear_flops(*modules: nn.Module) -> float:
@@ -34,8 +40,14 @@ def linear_flops(*modules: nn.Module) -> float:
         >>> linear_flops(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2)))
         40.0
     """
-    return float(sum(2 * m.in_features * m.out_features
-                     for mod in modules for m in mod.modules() if isinstance(m, nn.Linear)))
+    return float(
+        sum(
+            2 * m.in_features * m.out_features
+            for mod in modules
+            for m in mod.modules()
+            if isinstance(m, nn.Linear)
+        )
+    )
 
 
 def backbone_flops(cfg: BackboneConfig, seq_len: int) -> float:
@@ -52,8 +64,14 @@ def backbone_flops(cfg: BackboneConfig, seq_len: int) -> float:
     return float(2 * cfg.num_layers * per_layer + 4 * cfg.num_layers * max(1, seq_len) * h)
 
 
-def head_flops(head: nn.Module, num_samples: int = 1, *, loss: bool = False,
-               num_targets: int = 1, num_steps: int | None = None) -> float:
+def head_flops(
+    head: nn.Module,
+    num_samples: int = 1,
+    *,
+    loss: bool = False,
+    num_targets: int = 1,
+    num_steps: int | None = None,
+) -> float:
     """Forward FLOPs per position of ``head.sample(hidden, num_samples)`` or of ``head.loss``.
 
     Args:
@@ -78,11 +96,19 @@ def head_flops(head: nn.Module, num_samples: int = 1, *, loss: bool = False,
 
 
 def autoencoder_flops(ae: nn.Module) -> dict[str, float]:
-    """Per-token FLOPs of an autoencoder: ``train`` (3x encode + decode) and ``inference`` (decode)."""
+    """Per-token FLOPs of an autoencoder: ``encode``, ``inference`` (decode, with the tied output
+    layer) and ``train`` (3 x both). The per-token layers run ``K`` times per chunk."""
     k, h, v = ae.chunk_size, ae.config.hidden_size, ae.vocab_size
-    encode = linear_flops(ae.encoder) / k
-    decode = (linear_flops(ae.decoder) + 2.0 * k * v * h) / k  # with the tied output layer
-    return {"train": 3.0 * (encode + decode), "inference": decode, "encode": encode}
+    enc, dec = ae.encoder, ae.decoder
+    encode = k * linear_flops(enc.token_layers) + linear_flops(
+        enc.squeeze, enc.chunk_layers, enc.to_latent
+    )
+    decode = (
+        k * linear_flops(dec.token_layers)
+        + linear_flops(dec.from_latent, dec.chunk_layers, dec.expand)
+        + 2.0 * k * v * h
+    )
+    return {"train": 3.0 * (encode + decode) / k, "inference": decode / k, "encode": encode / k}
 
 
 def calm_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
@@ -91,12 +117,16 @@ def calm_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
     ae = autoencoder_flops(model.autoencoder)
     trunk = linear_flops(model.compress) + backbone_flops(model.config.backbone, seq_len // k)
     head_train = head_flops(model.head, loss=True, num_targets=model.config.num_targets)
-    return {"train": (3.0 * (trunk + head_train)) / k + ae["encode"],
-            "inference": (trunk + head_flops(model.head)) / k + ae["inference"]}
+    return {
+        "train": (3.0 * (trunk + head_train)) / k + ae["encode"],
+        "inference": (trunk + head_flops(model.head)) / k + ae["inference"],
+    }
 
 
 def token_lm_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
     """Per-token ``train`` and ``inference`` FLOPs of the token baseline."""
     cfg = model.cfg
-    forward = backbone_flops(cfg.backbone, seq_len) + 2.0 * cfg.backbone.hidden_size * cfg.vocab_size
+    forward = (
+        backbone_flops(cfg.backbone, seq_len) + 2.0 * cfg.backbone.hidden_size * cfg.vocab_size
+    )
     return {"train": 3.0 * forward, "inference": forward}

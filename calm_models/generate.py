@@ -26,9 +26,16 @@ from calm_models.protocol import Generation
 __all__ = ["generate_text", "main"]
 
 
-def generate_text(run, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
-                  sampler: str = "exact", num_candidates: int = 200,
-                  generator: torch.Generator | None = None) -> tuple[list[str], Generation]:
+def generate_text(
+    run,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    sampler: str = "exact",
+    num_candidates: int = 200,
+    generator: torch.Generator | None = None,
+) -> tuple[list[str], Generation]:
     """Continuations of text prompts with a :class:`~calm_models.runs.LoadedRun`.
 
     Returns:
@@ -43,8 +50,15 @@ def generate_text(run, prompts: list[str], max_new_tokens: int, *, temperature: 
     ids = [torch.tensor(tok.encode(p), dtype=torch.long, device=device) for p in prompts]
     if any(t.numel() == 0 for t in ids):
         raise ValueError("every --prompt must contain at least one token")
-    out = run.model.generate(ids, max_new_tokens, temperature=temperature, sampler=sampler,
-                             num_candidates=num_candidates, eos_id=tok.eos_id, generator=generator)
+    out = run.model.generate(
+        ids,
+        max_new_tokens,
+        temperature=temperature,
+        sampler=sampler,
+        num_candidates=num_candidates,
+        eos_id=tok.eos_id,
+        generator=generator,
+    )
     return [tok.decode(o) for o in out.tokens], out
 
 
@@ -52,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m calm_models.generate``; errors print one line and exit 2."""
     from calm_models.runs import RunError, load_run
 
-    parser = argparse.ArgumentParser(prog="python -m calm_models.generate",
-                                     description="Generate text from a trained run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m calm_models.generate", description="Generate text from a trained run."
+    )
     parser.add_argument("checkpoint", help="run directory or checkpoint directory")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,9 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         with warnings.catch_warnings():  # the fallback count is printed below, once
             warnings.simplefilter("ignore")
-            texts, out = generate_text(run, args.prompt, args.max_new_tokens,
-                                       temperature=args.temperature, sampler=args.sampler,
-                                       num_candidates=args.num_candidates, generator=gen)
+            texts, out = generate_text(
+                run,
+                args.prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                sampler=args.sampler,
+                num_candidates=args.num_candidates,
+                generator=gen,
+            )
         seconds = time.perf_counter() - start
     except (RunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -82,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"{prompt}{text}\n" + "-" * 40)
     if out.fallbacks:
-        print(f"warning: {out.fallbacks} of {out.steps * len(texts)} sampled steps could not be "
-              f"tempered by the exact sampler at T={args.temperature:g} and are untempered draws; "
-              "use --sampler batch for low temperatures", file=sys.stderr)
-    print(f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s from "
-          f"{run.checkpoint.name})", file=sys.stderr)
+        print(
+            f"warning: {out.fallbacks} of {out.steps * len(texts)} sampled steps could not be "
+            f"tempered by the exact sampler at T={args.temperature:g} and are untempered draws; "
+            "use --sampler batch for low temperatures",
+            file=sys.stderr,
+        )
+    print(
+        f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s from "
+        f"{run.checkpoint.name})",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -34,8 +34,7 @@ from calm_models._layers import check_int
 from calm_models.config import HeadConfig
 from likelihood_free.energy import energy_loss
 
-__all__ = ["DiffusionHead", "EnergyHead", "FlowHead", "HeadConfig", "NoiseToDataHead",
-           "build_head"]
+__all__ = ["DiffusionHead", "EnergyHead", "FlowHead", "HeadConfig", "NoiseToDataHead", "build_head"]
 
 _TIME_FEATURES = 256  # size of the sinusoidal time features (DiT, MAR)
 
@@ -61,7 +60,9 @@ class _AdaLNMLP(nn.Module):
     modulations are then computed once per position and broadcast over the samples.
     """
 
-    def __init__(self, in_size: int, width: int, out_size: int, num_blocks: int, eps: float) -> None:
+    def __init__(
+        self, in_size: int, width: int, out_size: int, num_blocks: int, eps: float
+    ) -> None:
         super().__init__()
         self.input_proj = nn.Linear(in_size, width)
         self.blocks = nn.ModuleList(_AdaLNBlock(width, eps) for _ in range(num_blocks))
@@ -85,20 +86,37 @@ class _AdaLNMLP(nn.Module):
 
 def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> None:
     name = type(head).__name__
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() \
-            or hidden.shape[-1:] != (head.cond_size,):
-        got = f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else hidden
-        raise ValueError(f"{name}: hidden must be a float tensor (..., {head.cond_size}), got {got}")
+    if (
+        not isinstance(hidden, torch.Tensor)
+        or not hidden.is_floating_point()
+        or hidden.shape[-1:] != (head.cond_size,)
+    ):
+        got = (
+            f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else hidden
+        )
+        raise ValueError(
+            f"{name}: hidden must be a float tensor (..., {head.cond_size}), got {got}"
+        )
     if targets is None:
         return
     expected = (*hidden.shape[:-1], head.latent_size)
-    if not isinstance(targets, torch.Tensor) or not targets.is_floating_point() \
-            or targets.dim() != hidden.dim() + 1 or targets.shape[0] < 1 \
-            or tuple(targets.shape[1:]) != expected or targets.device != hidden.device:
-        got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) \
+    if (
+        not isinstance(targets, torch.Tensor)
+        or not targets.is_floating_point()
+        or targets.dim() != hidden.dim() + 1
+        or targets.shape[0] < 1
+        or tuple(targets.shape[1:]) != expected
+        or targets.device != hidden.device
+    ):
+        got = (
+            f"{targets.dtype} {tuple(targets.shape)}"
+            if isinstance(targets, torch.Tensor)
             else type(targets).__name__
-        raise ValueError(f"{name}: targets must be a float tensor (M, {', '.join(map(str, expected))}) "
-                         f"on {hidden.device}, got {got}")
+        )
+        raise ValueError(
+            f"{name}: targets must be a float tensor (M, {', '.join(map(str, expected))}) "
+            f"on {hidden.device}, got {got}"
+        )
 
 
 class EnergyHead(nn.Module):
@@ -123,13 +141,15 @@ class EnergyHead(nn.Module):
         super().__init__()
         self.cfg, self.cond_size, self.latent_size = cfg, cond_size, latent_size
         self.cond_proj = nn.Linear(cond_size, cfg.hidden_size)
-        self.net = _AdaLNMLP(cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks,
-                             cfg.norm_eps)
+        self.net = _AdaLNMLP(
+            cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks, cfg.norm_eps
+        )
         nn.init.xavier_uniform_(self.cond_proj.weight)
         nn.init.zeros_(self.cond_proj.bias)
 
-    def sample(self, hidden: torch.Tensor, num_samples: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
@@ -137,8 +157,9 @@ class EnergyHead(nn.Module):
         y = F.silu(self.cond_proj(hidden)).unsqueeze(0)  # (1, ..., w): shared by all samples
         return self.net(eps, y).to(hidden.dtype)  # (n, ..., l)
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Per-position energy loss ``(...)`` (fp32) against targets ``(M, ..., l)``."""
         _check_inputs(self, hidden, targets)
         samples = self.sample(hidden, self.cfg.num_samples, generator=generator)  # (N, ..., l)
@@ -180,14 +201,16 @@ class NoiseToDataHead(nn.Module):
         y = F.silu(cond + self.time_embed(features))
         return self.net(x.to(cond.dtype), y).to(x.dtype)
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Per-position regression loss ``(...)`` on the first ``max_target_draws`` targets."""
         _check_inputs(self, hidden, targets)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         x1 = targets[: self.cfg.max_target_draws].to(acc)  # (k, ..., l)
-        x0 = torch.randn(x1.shape, generator=generator, device=hidden.device,
-                         dtype=hidden.dtype).to(acc)
+        x0 = torch.randn(
+            x1.shape, generator=generator, device=hidden.device, dtype=hidden.dtype
+        ).to(acc)
         x_t, time, target = self._corrupt(x1, x0, generator)
         pred = self._net_out(x_t, time, self.cond_proj(hidden).unsqueeze(0))
         return (pred - target).pow(2).mean(dim=-1).mean(dim=0)
@@ -195,9 +218,14 @@ class NoiseToDataHead(nn.Module):
     forward = loss
 
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, num_samples: int,
-               generator: torch.Generator | None = None, *, num_steps: int | None = None
-               ) -> torch.Tensor:
+    def sample(
+        self,
+        hidden: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        *,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (no gradient).
 
         ``num_steps`` overrides the configured number of sampler steps.
@@ -205,7 +233,9 @@ class NoiseToDataHead(nn.Module):
         _check_inputs(self, hidden)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.latent_size)
-        x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
+        x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(
+            acc
+        )
         cond = self.cond_proj(hidden).unsqueeze(0)  # (1, ..., w), reused at every step
         times = self._schedule(self._steps(num_steps))
 
@@ -243,7 +273,8 @@ class FlowHead(NoiseToDataHead):
     def _corrupt(self, x1, x0, generator):
         shape = x1.shape[:-1]  # (k, ...)
         u = (torch.rand if self.cfg.flow_time_dist == "uniform" else torch.randn)(
-            shape, generator=generator, device=x1.device, dtype=x1.dtype)
+            shape, generator=generator, device=x1.device, dtype=x1.dtype
+        )
         t = u if self.cfg.flow_time_dist == "uniform" else torch.sigmoid(u)
         return (1 - t[..., None]) * x0 + t[..., None] * x1, t, x1 - x0
 
@@ -303,8 +334,10 @@ class DiffusionHead(NoiseToDataHead):
     def _steps(self, num_steps: int | None) -> int:
         steps = super()._steps(num_steps)
         if steps > self.cfg.diffusion_train_steps:
-            raise ValueError(f"num_steps must be <= diffusion_train_steps = "
-                             f"{self.cfg.diffusion_train_steps}, got {steps}")
+            raise ValueError(
+                f"num_steps must be <= diffusion_train_steps = "
+                f"{self.cfg.diffusion_train_steps}, got {steps}"
+            )
         return steps
 
     def _schedule(self, steps: int) -> list[float]:

@@ -43,12 +43,16 @@ _FIRST_COLUMNS = ("step", "split", "time")
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"metric tensors must hold one element, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"metric tensors must hold one element, got shape {tuple(value.shape)}"
+            )
         return value.item()
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
-def read_metrics(run_dir: str | os.PathLike[str], *, split: str | None = None) -> list[dict[str, Any]]:
+def read_metrics(
+    run_dir: str | os.PathLike[str], *, split: str | None = None
+) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` (of one ``split`` if given), skipping a cut-off last line.
 
     Raises:
@@ -92,11 +96,20 @@ class MetricsLogger:
         resume_step: First drop the records with a larger ``step``.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool = True,
-                 tensorboard: bool = False, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.jsonl_path, self.csv_path = self.run_dir / "metrics.jsonl", self.run_dir / "metrics.csv"
+        self.jsonl_path, self.csv_path = (
+            self.run_dir / "metrics.jsonl",
+            self.run_dir / "metrics.csv",
+        )
         self._jsonl = self._csv = self._writer = None
         self._columns: list[str] = []
         if not enabled:
@@ -104,8 +117,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         records = read_metrics(self.jsonl_path) if self.jsonl_path.is_file() else []
         if resume_step is not None:
-            records = [r for r in records if not (isinstance(r.get("step"), int)
-                                                  and r["step"] > resume_step)]
+            records = [
+                r
+                for r in records
+                if not (isinstance(r.get("step"), int) and r["step"] > resume_step)
+            ]
         atomic_write(self.jsonl_path, "".join(to_json(r) + "\n" for r in records).encode())
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._rewrite_csv(records)
@@ -115,8 +131,11 @@ class MetricsLogger:
 
                 self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError:
-                warnings.warn("tensorboard is not installed; logging to metrics.jsonl and "
-                              "metrics.csv only (pip install tensorboard)", stacklevel=2)
+                warnings.warn(
+                    "tensorboard is not installed; logging to metrics.jsonl and "
+                    "metrics.csv only (pip install tensorboard)",
+                    stacklevel=2,
+                )
 
     def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
         self._columns = [c for c in _FIRST_COLUMNS if any(c in r for r in records)]
@@ -132,8 +151,9 @@ class MetricsLogger:
         atomic_write(self.csv_path, buffer.getvalue().encode())
         self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
 
-    def log(self, metrics: Mapping[str, Any], *, step: int | None = None,
-            split: str | None = None) -> None:
+    def log(
+        self, metrics: Mapping[str, Any], *, step: int | None = None, split: str | None = None
+    ) -> None:
         """Append one record (scalars, one-element tensors, strings) and flush it to disk.
 
         Example:
@@ -148,21 +168,30 @@ class MetricsLogger:
         metrics = dict(metrics)
         step = metrics.pop("step", step)
         split = metrics.pop("split", split)
-        record = {**({"step": int(step)} if step is not None else {}),
-                  **({"split": split} if split is not None else {}), "time": round(time.time(), 3),
-                  **{str(k): _plain(v) for k, v in metrics.items()}}
+        record = {
+            **({"step": int(step)} if step is not None else {}),
+            **({"split": split} if split is not None else {}),
+            "time": round(time.time(), 3),
+            **{str(k): _plain(v) for k, v in metrics.items()},
+        }
         record = json.loads(to_json(record))  # NaN and inf become null, in both files
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if any(k not in self._columns for k in record):
             self._rewrite_csv(read_metrics(self.jsonl_path))
         else:
-            csv.DictWriter(self._csv, fieldnames=self._columns, lineterminator="\n").writerow(record)
+            csv.DictWriter(self._csv, fieldnames=self._columns, lineterminator="\n").writerow(
+                record
+            )
             self._csv.flush()
         if self._writer is not None and step is not None:
             for key, value in record.items():
-                if key not in _FIRST_COLUMNS and isinstance(value, (int, float)) \
-                        and not isinstance(value, bool) and math.isfinite(value):
+                if (
+                    key not in _FIRST_COLUMNS
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                ):
                     self._writer.add_scalar(f"{split}/{key}" if split else key, value, int(step))
             self._writer.flush()
 

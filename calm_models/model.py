@@ -108,8 +108,9 @@ class CALM(nn.Module):
         return self
 
     def _tokens(self, tokens: object, name: str = "tokens") -> torch.Tensor:
-        return check_tokens(tokens, name, vocab_size=self.autoencoder.vocab_size,
-                            multiple_of=self.chunk_size)
+        return check_tokens(
+            tokens, name, vocab_size=self.autoencoder.vocab_size, multiple_of=self.chunk_size
+        )
 
     def hidden_states(self, tokens: torch.Tensor, **backbone_kwargs) -> torch.Tensor:
         """Backbone states ``(b, C, h)`` of tokens ``(b, C*K)``; state ``c`` predicts chunk ``c + 1``."""
@@ -117,8 +118,12 @@ class CALM(nn.Module):
         emb = self.embedding(tokens).view(b, length // self.chunk_size, self.chunk_size, -1)
         return self.backbone(self.compress(emb), **backbone_kwargs)
 
-    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Head loss (negated energy score for the energy head) averaged over predicted chunks.
 
         Args:
@@ -134,8 +139,9 @@ class CALM(nn.Module):
         if tokens.shape[1] < 2 * self.chunk_size:
             raise ValueError(f"tokens must hold at least 2 chunks, got length {tokens.shape[1]}")
         with torch.no_grad():
-            targets = self.autoencoder.sample_posterior(tokens, self.config.num_targets,
-                                                        generator=generator)  # (M, b, C, l)
+            targets = self.autoencoder.sample_posterior(
+                tokens, self.config.num_targets, generator=generator
+            )  # (M, b, C, l)
         hidden = self.hidden_states(tokens)  # (b, C, h)
         per_chunk = self.head.loss(hidden[:, :-1], targets[:, :, 1:].float(), generator=generator)
         if mask is None:
@@ -146,16 +152,22 @@ class CALM(nn.Module):
     forward = loss
 
     @torch.no_grad()
-    def sample_chunks(self, hidden: torch.Tensor, num_samples: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_chunks(
+        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``num_samples`` next chunks per state ``(*b, h)``, decoded to ids ``(S, *b, K)``."""
         z = self.head.sample(hidden, num_samples, generator=generator)  # (S, *b, l)
         return self.autoencoder.decode_tokens(z.unsqueeze(-2))
 
     @torch.no_grad()
-    def sample_continuations(self, tokens: torch.Tensor, *, max_order: int = 4,
-                             num_samples: int = 2, generator: torch.Generator | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_continuations(
+        self,
+        tokens: torch.Tensor,
+        *,
+        max_order: int = 4,
+        num_samples: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Independent ``max_order``-token continuations at every chunk boundary, all at once.
 
         Position ``s = K, 2K, ...`` (with ``s + max_order <= L``) continues ``tokens[:, :s]``.
@@ -172,8 +184,10 @@ class CALM(nn.Module):
         b, length = tokens.shape
         num_pos = (length - max_order) // k
         if num_pos < 1:
-            raise ValueError(f"tokens of length {length} hold no position with a {max_order}-token "
-                             f"target after the first chunk (need L >= {k + max_order})")
+            raise ValueError(
+                f"tokens of length {length} hold no position with a {max_order}-token "
+                f"target after the first chunk (need L >= {k + max_order})"
+            )
         depth, num_chunks = -(-max_order // k), length // k
         cache = self.backbone.new_cache(b, num_chunks * depth) if depth > 1 else None
         hidden = self.hidden_states(tokens, cache=cache)  # (b, C, h)
@@ -186,17 +200,23 @@ class CALM(nn.Module):
             for j in range(1, depth):
                 mask = torch.cat([prefix] + [eye] * j, dim=1)[None, None]  # (1, 1, C, C(1+j))
                 prev = chunks[-1].reshape(num_samples * b, num_chunks * k)
-                hidden = self.hidden_states(prev, position_ids=(pos + j)[None], attn_mask=mask,
-                                            cache=cache)  # (S*b, C, h)
+                hidden = self.hidden_states(
+                    prev, position_ids=(pos + j)[None], attn_mask=mask, cache=cache
+                )  # (S*b, C, h)
                 nxt = self.sample_chunks(hidden, 1, generator)[0]  # (S*b, C, K)
                 chunks.append(nxt.view(num_samples, b, num_chunks, k))
         draws = torch.cat(chunks, dim=-1)[:, :, :num_pos, :max_order]  # (S, b, P, n)
         return draws, (torch.arange(num_pos, device=tokens.device) + 1) * k
 
     @torch.no_grad()
-    def brier_estimates(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
-                        max_order: int = 4, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
+    def brier_estimates(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        max_order: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Unbiased Brier-1..n estimates ``1{x1=y} + 1{x2=y} - 1{x1=x2}`` per position, ``(b, P, n)``.
 
         Args:
@@ -207,31 +227,45 @@ class CALM(nn.Module):
             generator: Optional generator.
         """
         tokens = self._tokens(tokens)
-        draws, starts = self.sample_continuations(tokens, max_order=max_order, num_samples=2,
-                                                  generator=generator)
+        draws, starts = self.sample_continuations(
+            tokens, max_order=max_order, num_samples=2, generator=generator
+        )
         if positions is not None:
-            positions = check_positions(positions, tokens.shape[1], max_order, self.chunk_size,
-                                        tokens.device)
+            positions = check_positions(
+                positions, tokens.shape[1], max_order, self.chunk_size, tokens.device
+            )
             draws, starts = draws[:, :, positions // self.chunk_size - 1], positions
         index = starts[:, None] + torch.arange(max_order, device=tokens.device)  # (P, n)
         return brier_estimate(draws[0], draws[1], tokens[:, index])
 
-    def _next_chunk(self, hidden: torch.Tensor, temperature: float, sampler: str,
-                    num_candidates: int, max_rounds: int,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    def _next_chunk(
+        self,
+        hidden: torch.Tensor,
+        temperature: float,
+        sampler: str,
+        num_candidates: int,
+        max_rounds: int,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, int]:
         """One chunk ``(b, K)`` per state ``(b, h)``, and how many rows fell back untempered."""
         if temperature == 1.0:
             return self.sample_chunks(hidden, 1, generator)[0], 0
         if sampler == "batch":
             candidates = self.sample_chunks(hidden, num_candidates, generator)  # (N, b, K)
-            return batched_temperature_sample(candidates, temperature, event_ndim=1,
-                                              generator=generator), 0
+            return batched_temperature_sample(
+                candidates, temperature, event_ndim=1, generator=generator
+            ), 0
         with warnings.catch_warnings():  # counted and reported once by generate
             warnings.simplefilter("ignore")
             result = temperature_sample(
-                lambda n, rows: self.sample_chunks(hidden[rows], n, generator), temperature,
-                max_rounds=max_rounds, on_exhausted="fallback", pass_rows=True,
-                batch_size=hidden.shape[0], generator=generator)
+                lambda n, rows: self.sample_chunks(hidden[rows], n, generator),
+                temperature,
+                max_rounds=max_rounds,
+                on_exhausted="fallback",
+                pass_rows=True,
+                batch_size=hidden.shape[0],
+                generator=generator,
+            )
         return result.samples, int(result.exhausted.sum())
 
     @torch.no_grad()
@@ -283,8 +317,9 @@ class CALM(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not (isinstance(temperature, (int, float)) and 0.0 < temperature <= 1.0):
-            raise ValueError(f"temperature must be in (0, 1] for a sampler-only model, got "
-                             f"{temperature!r}")
+            raise ValueError(
+                f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}"
+            )
         check_int(max_new_tokens, "max_new_tokens", 1)
         k, device = self.chunk_size, self.embedding.weight.device
         pad = pad_id if pad_id is not None else (0 if eos_id is None else eos_id)
@@ -292,8 +327,10 @@ class CALM(nn.Module):
         b, c0, steps = tokens.shape[0], tokens.shape[1] // k, -(-max_new_tokens // k)
         total = c0 + steps
         if total > self.config.backbone.max_seq_len:
-            raise ValueError(f"the longest prompt ({c0} chunks) + max_new_tokens ({steps} chunks) "
-                             f"exceeds max_seq_len ({self.config.backbone.max_seq_len} chunks)")
+            raise ValueError(
+                f"the longest prompt ({c0} chunks) + max_new_tokens ({steps} chunks) "
+                f"exceeds max_seq_len ({self.config.backbone.max_seq_len} chunks)"
+            )
         key_valid = torch.cat([real.view(b, c0, k).any(-1), real.new_ones(b, steps)], 1)  # (b, C)
         positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)  # (b, C)
         masked = not bool(key_valid.all())
@@ -305,11 +342,14 @@ class CALM(nn.Module):
             t0 = cur - 1 if cache is not None and step > 0 else 0
             kwargs = {"cache": cache}
             if masked:
-                kwargs.update(position_ids=positions[:, t0:cur],
-                              attn_mask=padded_causal_mask(key_valid[:, :cur], cur - t0))
-            hidden = self.hidden_states(tokens[:, t0 * k:], **kwargs)[:, -1]  # (b, h)
-            chunk, fell = self._next_chunk(hidden, float(temperature), sampler, num_candidates,
-                                           max_rounds, generator)  # (b, K)
+                kwargs.update(
+                    position_ids=positions[:, t0:cur],
+                    attn_mask=padded_causal_mask(key_valid[:, :cur], cur - t0),
+                )
+            hidden = self.hidden_states(tokens[:, t0 * k :], **kwargs)[:, -1]  # (b, h)
+            chunk, fell = self._next_chunk(
+                hidden, float(temperature), sampler, num_candidates, max_rounds, generator
+            )  # (b, K)
             out.append(chunk)
             fallbacks += fell
             tokens = torch.cat([tokens, chunk], dim=1)
@@ -318,13 +358,16 @@ class CALM(nn.Module):
                 if bool(finished.all()):
                     break
         if fallbacks:
-            warnings.warn(f"{fallbacks} sampled chunk(s) fell back to untempered draws: the exact "
-                          f"sampler found no tempered sample within max_rounds={max_rounds} at "
-                          f"T={temperature:g}; use sampler='batch' for low temperatures",
-                          stacklevel=2)
+            warnings.warn(
+                f"{fallbacks} sampled chunk(s) fell back to untempered draws: the exact "
+                f"sampler found no tempered sample within max_rounds={max_rounds} at "
+                f"T={temperature:g}; use sampler='batch' for low temperatures",
+                stacklevel=2,
+            )
         generated = torch.cat(out, dim=1)[:, :max_new_tokens]
-        return Generation([cut_at_eos(row, eos_id) for row in generated.unbind(0)], fallbacks,
-                          len(out))
+        return Generation(
+            [cut_at_eos(row, eos_id) for row in generated.unbind(0)], fallbacks, len(out)
+        )
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:func:`calm_models.flops.calm_flops`)."""

@@ -42,8 +42,15 @@ from calm_models.config import (
     ScheduleConfig,
 )
 
-__all__ = ["OptimConfig", "ScheduleConfig", "available_optimizers", "build_optimizer",
-           "build_scheduler", "decay_param_groups", "lr_factor"]
+__all__ = [
+    "OptimConfig",
+    "ScheduleConfig",
+    "available_optimizers",
+    "build_optimizer",
+    "build_scheduler",
+    "decay_param_groups",
+    "lr_factor",
+]
 
 _INSTALL_HINT = "pip install torch-optimizer (or the project's [dev] extra)"
 
@@ -51,10 +58,14 @@ _INSTALL_HINT = "pip install torch-optimizer (or the project's [dev] extra)"
 def _torch_optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
     """Lower-case name -> optimiser class of ``torch-optimizer`` (ImportError when absent)."""
     module = importlib.import_module("torch_optimizer")
-    return {name.lower(): obj for name, obj in vars(module).items()
-            if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
-            and obj is not torch.optim.Optimizer
-            and list(inspect.signature(obj.__init__).parameters)[1:2] == ["params"]}
+    return {
+        name.lower(): obj
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, torch.optim.Optimizer)
+        and obj is not torch.optim.Optimizer
+        and list(inspect.signature(obj.__init__).parameters)[1:2] == ["params"]
+    }
 
 
 def available_optimizers() -> list[str]:
@@ -79,12 +90,16 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         registry = _torch_optimizer_registry()
     except ImportError:
         if key in _TORCH_OPTIMIZER_NAMES:
-            raise ImportError(f"optimizer {name!r} comes from the torch-optimizer package, which "
-                              f"is not installed: {_INSTALL_HINT}") from None
+            raise ImportError(
+                f"optimizer {name!r} comes from the torch-optimizer package, which "
+                f"is not installed: {_INSTALL_HINT}"
+            ) from None
         registry = {}
     if key not in registry:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: "
-                         f"{', '.join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])}")
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid names: "
+            f"{', '.join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])}"
+        )
     return registry[key]
 
 
@@ -96,18 +111,26 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         >>> [(g["name"], [tuple(p.shape) for p in g["params"]]) for g in decay_param_groups(m, 0.1)]
         [('decay', [(3, 3)]), ('no_decay', [(3,), (3,), (3,)])]
     """
-    embeddings = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-                  for p in m.parameters(recurse=False)}
+    embeddings = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        for p in m.parameters(recurse=False)
+    }
     decay, no_decay = [], []
     for p in model.parameters():  # tied parameters appear once
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
+) -> torch.optim.Optimizer:
     """The optimiser ``cfg.name`` over a module (decay groups) or parameters / parameter groups.
 
     ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``momentum`` are passed when the
@@ -127,22 +150,29 @@ def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
     signature = inspect.signature(cls.__init__)
     accepts = set(signature.parameters)
     if isinstance(params_or_model, nn.Module):
-        groups: list[Any] = decay_param_groups(params_or_model, cfg.weight_decay) \
-            if "weight_decay" in accepts else [p for p in params_or_model.parameters()
-                                               if p.requires_grad]
+        groups: list[Any] = (
+            decay_param_groups(params_or_model, cfg.weight_decay)
+            if "weight_decay" in accepts
+            else [p for p in params_or_model.parameters() if p.requires_grad]
+        )
     else:
         groups = list(params_or_model)
     if not groups:
         raise ValueError("params_or_model has no trainable parameter to optimise")
-    optional = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
-                "momentum": cfg.momentum}
+    optional = {
+        "betas": tuple(cfg.betas),
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+        "momentum": cfg.momentum,
+    }
     kwargs = {"lr": cfg.lr, **{k: v for k, v in optional.items() if k in accepts}}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     for k in cfg.extra:
         if k not in accepts and not takes_any:
             valid = ", ".join(n for n in signature.parameters if n not in ("self", "params"))
-            raise ValueError(f"optim.extra: {cls.__name__} takes no argument {k!r}; valid "
-                             f"arguments: {valid}")
+            raise ValueError(
+                f"optim.extra: {cls.__name__} takes no argument {k!r}; valid arguments: {valid}"
+            )
     return cls(groups, **kwargs, **cfg.extra)
 
 
@@ -159,17 +189,21 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:
     if cfg.kind == "constant":
         return 1.0
     if not total_steps or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int for a {cfg.kind} schedule, "
-                         f"got {total_steps}")
-    progress = min(max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 0.0), 1.0)
+        raise ValueError(
+            f"total_steps must be a positive int for a {cfg.kind} schedule, got {total_steps}"
+        )
+    progress = min(
+        max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 0.0), 1.0
+    )
     r = cfg.min_lr_ratio
     if cfg.kind == "linear":
         return 1.0 - (1.0 - r) * progress
     return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                    total_steps: int | None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :func:`lr_factor`; call ``step()`` after every optimiser step.
 
     Example:

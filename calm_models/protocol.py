@@ -50,27 +50,49 @@ class LanguageModel(Protocol):
     chunk_size: int
     max_tokens: int
 
-    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Training objective on blocks ``(b, L)``; ``mask`` marks real tokens (``False``: padding)."""
 
-    def brier_estimates(self, tokens: torch.Tensor, positions: torch.Tensor, *,
-                        max_order: int = 4, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
+    def brier_estimates(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        max_order: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Unbiased Brier-1..n estimates ``(b, P, n)``: position ``s`` predicts ``tokens[:, s:s+n]`` from ``tokens[:, :s]``."""
 
-    def generate(self, prompts: list[torch.Tensor] | torch.Tensor, max_new_tokens: int, *,
-                 temperature: float = 1.0, sampler: str = "exact", num_candidates: int = 200,
-                 eos_id: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> Generation:
+    def generate(
+        self,
+        prompts: list[torch.Tensor] | torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        sampler: str = "exact",
+        num_candidates: int = 200,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Generation:
         """Continuations of a batch of prompts."""
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:mod:`calm_models.flops`)."""
 
 
-def check_positions(positions: object, length: int, max_order: int, multiple_of: int = 1,
-                    device: torch.device | None = None) -> torch.Tensor:
+def check_positions(
+    positions: object,
+    length: int,
+    max_order: int,
+    multiple_of: int = 1,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """BrierLM positions as a 1-D int64 tensor, or a ``ValueError`` naming what fits.
 
     A position ``s`` needs ``multiple_of <= s``, ``s % multiple_of == 0`` and
@@ -81,11 +103,19 @@ def check_positions(positions: object, length: int, max_order: int, multiple_of:
         tensor([4, 8])
     """
     check_int(max_order, "max_order", 1)
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.numel() == 0 \
-            or positions.is_floating_point() or positions.dtype == torch.bool:
+    if (
+        not isinstance(positions, torch.Tensor)
+        or positions.dim() != 1
+        or positions.numel() == 0
+        or positions.is_floating_point()
+        or positions.dtype == torch.bool
+    ):
         raise ValueError(f"positions must be a non-empty 1-D integer tensor, got {positions!r}")
-    bad = (positions < multiple_of) | (positions % multiple_of != 0) \
+    bad = (
+        (positions < multiple_of)
+        | (positions % multiple_of != 0)
         | (positions + max_order > length)
+    )
     if bool(bad.any()):
         raise ValueError(
             f"positions must be multiples of {multiple_of} in [{multiple_of}, {length - max_order}] "
@@ -95,8 +125,13 @@ def check_positions(positions: object, length: int, max_order: int, multiple_of:
     return positions.to(device=device, dtype=torch.long)
 
 
-def left_pad(prompts: list[torch.Tensor] | torch.Tensor, pad_id: int, multiple_of: int,
-             vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: list[torch.Tensor] | torch.Tensor,
+    pad_id: int,
+    multiple_of: int,
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad 1-D prompts to a common length that is a multiple of ``multiple_of``.
 
     Returns:
@@ -112,16 +147,27 @@ def left_pad(prompts: list[torch.Tensor] | torch.Tensor, pad_id: int, multiple_o
         rows = list(prompts.unbind(0))
     if not rows:
         raise ValueError("prompts must be a non-empty list of 1-D token tensors or a (b, t) tensor")
-    rows = [check_tokens(r, f"prompts[{i}]", vocab_size=vocab_size, ndim=1).to(device)
-            for i, r in enumerate(rows)]
+    rows = [
+        check_tokens(r, f"prompts[{i}]", vocab_size=vocab_size, ndim=1).to(device)
+        for i, r in enumerate(rows)
+    ]
     if any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt must hold at least one token")
     width = -(-max(r.numel() for r in rows) // multiple_of) * multiple_of
     extra = width - max(r.numel() for r in rows)
-    tokens = F.pad(pad_sequence(rows, batch_first=True, padding_value=pad_id,
-                                padding_side="left"), (extra, 0), value=pad_id)
-    real = F.pad(pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in rows],
-                              batch_first=True, padding_side="left"), (extra, 0))
+    tokens = F.pad(
+        pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left"),
+        (extra, 0),
+        value=pad_id,
+    )
+    real = F.pad(
+        pad_sequence(
+            [torch.ones_like(r, dtype=torch.bool) for r in rows],
+            batch_first=True,
+            padding_side="left",
+        ),
+        (extra, 0),
+    )
     return tokens, real
 
 

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from calm_models.data import DataError
     from calm_models.runs import RunError, load_run
 
-    parser = argparse.ArgumentParser(prog="python -m calm_models.robustness",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m calm_models.robustness", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("checkpoint", help="autoencoder (or CALM) run or checkpoint directory")
     parser.add_argument("--data", nargs="*", default=None, help="default: the validation split")
     parser.add_argument("--max-tokens", type=int, default=200_000)
@@ -45,15 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1 or args.batch_size < 1:
             raise ValueError("--max-tokens and --batch-size must be positive")
         run = load_run(args.checkpoint, device=args.device)
-        ae = getattr(run.model, "autoencoder", run.model)  # a CALM run holds its autoencoder
+        if run.config.stage == "ar":
+            raise ValueError(f"{args.checkpoint} is a token-baseline run; it has no autoencoder")
+        ae = run.model if run.config.stage == "autoencoder" else run.model.autoencoder
         blocks = run.blocks(args.data, 64 * ae.chunk_size)
     except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = min(len(blocks), max(1, args.max_tokens // blocks.block_len))
     device = next(ae.parameters()).device
-    batches = (blocks.get_batch(torch.arange(i, min(n, i + args.batch_size))).to(device)
-               for i in range(0, n, args.batch_size))
+    batches = (
+        blocks.get_batch(torch.arange(i, min(n, i + args.batch_size))).to(device)
+        for i in range(0, n, args.batch_size)
+    )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     table = robustness_table(ae, batches, sigmas=SIGMAS, generator=gen)
     source = ", ".join(args.data) if args.data else "validation split"
@@ -62,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     for sigma, acc in table.items():
         print(f"| {sigma:g} | {100 * acc:.2f}% |")
     out = Path(args.out) if args.out else run.checkpoint
-    atomic_write(out / "robustness.json", to_json(
-        {"checkpoint": str(run.checkpoint), "data": args.data, "tokens": n * blocks.block_len,
-         "accuracy": {str(s): a for s, a in table.items()}}, indent=2).encode())
+    atomic_write(
+        out / "robustness.json",
+        to_json(
+            {
+                "checkpoint": str(run.checkpoint),
+                "data": args.data,
+                "tokens": n * blocks.block_len,
+                "accuracy": {str(s): a for s, a in table.items()},
+            },
+            indent=2,
+        ).encode(),
+    )
     try:
         import matplotlib
 

@@ -144,13 +144,17 @@ class _RunLock:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
-            raise TrainError(f"{self.path.parent} is in use by a running training ({holder}); "
-                             "use another run.out_dir or wait for it to finish") from None
+            raise TrainError(
+                f"{self.path.parent} is in use by a running training ({holder}); "
+                "use another run.out_dir or wait for it to finish"
+            ) from None
         self._fh.seek(0)
         previous = self._fh.read().strip()
         if previous:
-            print(f"note: taking over the stale lock of {previous} (that process is gone)",
-                  file=sys.stderr)
+            print(
+                f"note: taking over the stale lock of {previous} (that process is gone)",
+                file=sys.stderr,
+            )
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -170,8 +174,10 @@ def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
     old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl") if p.exists()]
     if old and not resume:
         if not overwrite:
-            raise TrainError(f"{run_dir} holds an earlier run ({old[0].name}); pass --resume to "
-                             "continue it or --overwrite to start over (deleting it)")
+            raise TrainError(
+                f"{run_dir} holds an earlier run ({old[0].name}); pass --resume to "
+                "continue it or --overwrite to start over (deleting it)"
+            )
         import shutil
 
         for p in old + [run_dir / "metrics.csv", run_dir / "config.yaml"]:
@@ -184,17 +190,24 @@ def _resume_point(run_dir: Path, fallback: bool) -> Path | None:
     if not skipped:
         good = good or ckpt.latest_checkpoint(run_dir)  # also custom-named checkpoints
         if good is None:
-            print(f"note: --resume given but {run_dir} has no checkpoint; starting from scratch",
-                  file=sys.stderr)
+            print(
+                f"note: --resume given but {run_dir} has no checkpoint; starting from scratch",
+                file=sys.stderr,
+            )
         return good
     newest, problem = skipped[0]
     if good is None:
         raise TrainError(f"cannot resume: {problem}, and no older checkpoint is complete")
     if not fallback:
-        raise TrainError(f"cannot resume from the newest checkpoint {newest.name}: {problem}; the "
-                         f"newest complete one is {good.name}: pass --fallback to resume from it")
-    print(f"note: resuming from {good.name}, the newest complete checkpoint, because "
-          f"{newest.name} is unusable ({problem})", file=sys.stderr)
+        raise TrainError(
+            f"cannot resume from the newest checkpoint {newest.name}: {problem}; the "
+            f"newest complete one is {good.name}: pass --fallback to resume from it"
+        )
+    print(
+        f"note: resuming from {good.name}, the newest complete checkpoint, because "
+        f"{newest.name} is unusable ({problem})",
+        file=sys.stderr,
+    )
     return good
 
 
@@ -207,8 +220,10 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
     except RunError as exc:
         raise TrainError(f"autoencoder_path: {exc}") from None
     if ae.config.stage != "autoencoder":
-        raise TrainError(f"autoencoder_path={cfg.autoencoder_path} holds a {ae.config.stage} run, "
-                         "not an autoencoder")
+        raise TrainError(
+            f"autoencoder_path={cfg.autoencoder_path} holds a {ae.config.stage} run, "
+            "not an autoencoder"
+        )
     data = replace(cfg.data, tokenizer=str(ae.run_dir / "tokenizer.json"))
     return replace(cfg, autoencoder=ae.config.autoencoder, data=data), ae.model
 
@@ -217,33 +232,45 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
 def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: DistInfo) -> dict:
     """Validation loss and the stage's metric (reconstruction accuracy or BrierLM), over ranks."""
     n, b = len(valid), cfg.run.batch_size
-    batches = [valid.batch(torch.arange(j * b, (j + 1) * b) % n)
-               for j in range(info.rank, cfg.run.eval_batches * info.world_size, info.world_size)]
+    batches = [
+        valid.batch(torch.arange(j * b, (j + 1) * b) % n)
+        for j in range(info.rank, cfg.run.eval_batches * info.world_size, info.world_size)
+    ]
     batches = [(t.to(info.device), m.to(info.device)) for t, m in batches]
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)
-    out = {"loss": float(all_reduce_mean(torch.stack([model.loss(t, m)["loss"].float()
-                                                      for t, m in batches]).mean()))}
+    out = {
+        "loss": float(
+            all_reduce_mean(
+                torch.stack([model.loss(t, m)["loss"].float() for t, m in batches]).mean()
+            )
+        )
+    }
     if cfg.stage == "autoencoder":
         for sigma in (0.0, 0.3):
             acc = torch.stack([reconstruction_accuracy(model, t, sigma, gen) for t, _ in batches])
             out[f"recon_acc_sigma{sigma:g}"] = float(all_reduce_mean(acc.mean()))
     else:
-        out.update(evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride,
-                                     generator=gen).to_dict())
+        out.update(
+            evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict()
+        )
     model.train(was_training)
     return out
 
 
 def _format_eval(step: int, metrics: dict) -> str:
-    keys = [k for k in ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm",
-                        "brier_lm_se") if k in metrics]
+    keys = [
+        k
+        for k in ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
+        if k in metrics
+    ]
     return f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
-          overwrite: bool = False) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
+) -> TrainResult:
     """Train one stage (the caller's config is not modified).
 
     Args:
@@ -275,12 +302,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
         if not main_process:
             barrier()
         tokenizer, train_blocks, valid_blocks = prepare_data(
-            cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=run.progress and main_process)
+            cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=run.progress and main_process
+        )
         if main_process:
             barrier()
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
-        loader = BlockLoader(train_blocks, run.batch_size * run.grad_accum, seed=run.seed,
-                             rank=info.rank, world_size=info.world_size)
+        loader = BlockLoader(
+            train_blocks,
+            run.batch_size * run.grad_accum,
+            seed=run.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
 
         # -- model, wrapped for data parallelism, then its optimiser ----------------------------
         model = build_model(cfg, tokenizer.vocab_size, autoencoder).to(info.device)
@@ -294,15 +327,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
         step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
         start_from = _resume_point(run_dir, fallback) if resume else None
         if start_from is not None:
-            state = ckpt.load_checkpoint(start_from, model=model, optimizer=optimizer,
-                                         scheduler=scheduler, config=cfg,
-                                         sections=cfg.model_sections())
+            state = ckpt.load_checkpoint(
+                start_from,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                config=cfg,
+                sections=cfg.model_sections(),
+            )
             step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
             skipped = state.get("skipped", 0)
             try:
                 loader.load_state_dict(state["loader"])
             except (ValueError, KeyError) as exc:
-                raise TrainError(f"cannot resume the data position of {start_from}: {exc}") from None
+                raise TrainError(
+                    f"cannot resume the data position of {start_from}: {exc}"
+                ) from None
             rngs = state["rng"]
             ckpt.restore_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
             if main_process:
@@ -313,8 +353,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
         if run.compile:
             objective = torch.compile(objective)
         autocast = autocast_context(info.device, run.precision)
-        logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard,
-                               resume_step=step if start_from is not None else None)
+        logger = MetricsLogger(
+            run_dir,
+            enabled=main_process,
+            tensorboard=run.tensorboard,
+            resume_step=step if start_from is not None else None,
+        )
         flops_per_token = model.flops_per_token(cfg.data.block_len)["train"]
         tokens_per_step = run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len
 
@@ -325,17 +369,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
             if info.world_size > 1:
                 rngs = [None] * info.world_size
                 torch.distributed.all_gather_object(rngs, rng)
-            return {"step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped": skipped,
-                    "loader": loader.state_dict(), "rng": rngs}
+            return {
+                "step": step,
+                "tokens": tokens_seen,
+                "elapsed": elapsed,
+                "skipped": skipped,
+                "loader": loader.state_dict(),
+                "rng": rngs,
+            }
 
         def save(state: dict) -> None:
-            ckpt.save_checkpoint(run_dir, step=state["step"], model=model, optimizer=optimizer,
-                                 scheduler=scheduler, train_state=state, config=cfg,
-                                 keep_last=run.keep_last)
+            ckpt.save_checkpoint(
+                run_dir,
+                step=state["step"],
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                train_state=state,
+                config=cfg,
+                keep_last=run.keep_last,
+            )
 
         # -- the loop -------------------------------------------------------------------------
-        bar = tqdm(total=run.steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
-                   disable=not (run.progress and main_process))
+        bar = tqdm(
+            total=run.steps,
+            initial=step,
+            desc=cfg.stage,
+            dynamic_ncols=True,
+            disable=not (run.progress and main_process),
+        )
         model.train()
         t_start = time.perf_counter() - elapsed
         state = snapshot()
@@ -346,15 +408,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
                 t0 = time.perf_counter()
                 tokens, mask = (t.to(info.device) for t in next(loader))  # (b * accum, L)
                 loss_sum = torch.zeros((), device=info.device)
-                for micro, (tok, msk) in enumerate(zip(tokens.chunk(run.grad_accum),
-                                                       mask.chunk(run.grad_accum), strict=True)):
+                for micro, (tok, msk) in enumerate(
+                    zip(tokens.chunk(run.grad_accum), mask.chunk(run.grad_accum), strict=True)
+                ):
                     sync = micro == run.grad_accum - 1 or not hasattr(objective, "no_sync")
-                    with (nullcontext() if sync else objective.no_sync()), autocast:
+                    with nullcontext() if sync else objective.no_sync(), autocast:
                         loss = objective(tok, msk)["loss"] / run.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
-                finite = bool(torch.isfinite(all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all())
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable, cfg.optim.grad_clip or math.inf
+                )
+                finite = bool(
+                    torch.isfinite(all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all()
+                )
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
                     if skipped >= run.max_nonfinite_skips:
@@ -363,7 +430,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
                             f"step {step + 1}: non-finite loss ({float(loss_sum):g}) or gradient "
                             f"norm ({float(grad_norm):g}); stopped without saving. The last good "
                             f"checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none'}; lower "
-                            "optim.lr, or set run.max_nonfinite_skips to skip isolated spikes")
+                            "optim.lr, or set run.max_nonfinite_skips to skip isolated spikes"
+                        )
                     skipped += 1
                     logger.log({"nonfinite_skips": skipped}, step=step + 1, split="train")
                 else:
@@ -377,16 +445,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
                 if step % run.log_every == 0 or step == run.steps:
                     loss_value = float(all_reduce_mean(loss_sum))
                     tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                    logger.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                                "tokens_per_s": tok_s, "train_flops": flops_per_token * tokens_seen,
-                                "time_s": elapsed}, step=step, split="train")
+                    logger.log(
+                        {
+                            "loss": loss_value,
+                            "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm),
+                            "tokens": tokens_seen,
+                            "tokens_per_s": tok_s,
+                            "train_flops": flops_per_token * tokens_seen,
+                            "time_s": elapsed,
+                        },
+                        step=step,
+                        split="train",
+                    )
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 if run.eval_every and step % run.eval_every == 0 and step < run.steps:
                     metrics = _evaluate(model, cfg, valid_blocks, info)
-                    logger.log({"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen,
-                                **metrics}, step=step, split="valid")
+                    logger.log(
+                        {
+                            "tokens": tokens_seen,
+                            "train_flops": flops_per_token * tokens_seen,
+                            **metrics,
+                        },
+                        step=step,
+                        split="valid",
+                    )
                     bar.write(_format_eval(step, metrics)) if main_process else None
                 if run.save_every and step % run.save_every == 0 and step < run.steps:
                     save(state)
@@ -398,16 +482,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False,
             logger.close()
             return TrainResult(run_dir, step, signals.received)
         metrics = _evaluate(model, cfg, valid_blocks, info)
-        logger.log({"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen,
-                    **metrics}, step=step, split="valid")
+        logger.log(
+            {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics},
+            step=step,
+            split="valid",
+        )
         logger.close()
         if main_process:
             print(_format_eval(step, metrics))
     return TrainResult(run_dir, step, None, metrics)
 
 
-def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False,
-                 overwrite: bool = False) -> dict:
+def run_pipeline(
+    cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
+) -> dict:
     """Train the autoencoder, then CALM on it; print BrierLM and a generated sample.
 
     An interrupted stage ends the pipeline (the result then holds ``"interrupted"``).
@@ -416,17 +504,25 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
         ``{"autoencoder": run dir, "calm": run dir, "brier_lm": ..., "sample": text}``.
     """
     out = Path(cfg.out_dir)
-    ae_cfg = replace(cfg.ae_stage, stage="autoencoder",
-                     run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")))
+    ae_cfg = replace(
+        cfg.ae_stage,
+        stage="autoencoder",
+        run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")),
+    )
     ae = train(ae_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     if ae.interrupted is not None:
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
-    lm_cfg = replace(cfg.lm_stage, stage="calm", autoencoder_path=str(ae.run_dir),
-                     run=replace(cfg.lm_stage.run, out_dir=str(out / "calm")))
+    lm_cfg = replace(
+        cfg.lm_stage,
+        stage="calm",
+        autoencoder_path=str(ae.run_dir),
+        run=replace(cfg.lm_stage.run, out_dir=str(out / "calm")),
+    )
     lm = train(lm_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     result = {"autoencoder": ae.run_dir, "calm": lm.run_dir}
-    if lm.interrupted is not None or (torch.distributed.is_initialized()
-                                      and torch.distributed.get_rank() != 0):
+    if lm.interrupted is not None or (
+        torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    ):
         return {**result, "interrupted": lm.interrupted}
     loaded = load_run(lm.run_dir, device=lm_cfg.run.device)
     device = next(loaded.model.parameters()).device
@@ -437,24 +533,37 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
     scores = evaluate_brier_lm(loaded.model, batches, stride=lm_cfg.run.eval_stride, generator=gen)
     print(format_result(scores, f"\nCALM BrierLM on {n} validation blocks"))
     prompt = torch.tensor(loaded.tokenizer.encode(cfg.prompt), dtype=torch.long)
-    ids = loaded.model.generate([prompt], cfg.sample_tokens, temperature=cfg.temperature,
-                                eos_id=loaded.tokenizer.eos_id, generator=gen).tokens[0]
+    ids = loaded.model.generate(
+        [prompt],
+        cfg.sample_tokens,
+        temperature=cfg.temperature,
+        eos_id=loaded.tokenizer.eos_id,
+        generator=gen,
+    ).tokens[0]
     text = loaded.tokenizer.decode(ids)
     print(f"\nSample (T={cfg.temperature}):\n{cfg.prompt}{text}")
     return {**result, "brier_lm": scores.brier_lm, "sample": text}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m calm_models.train", description=(
-        "Train the autoencoder, CALM, the token baseline, or the whole pipeline."))
+    parser = argparse.ArgumentParser(
+        prog="python -m calm_models.train",
+        description=("Train the autoencoder, CALM, the token baseline, or the whole pipeline."),
+    )
     parser.add_argument("stage", choices=(*STAGES, "pipeline"))
     parser.add_argument("--preset", default="tiny", help="tiny, small or m (default tiny)")
     parser.add_argument("--config", default=None, help="YAML or TOML file")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--fallback", action="store_true",
-                        help="with --resume: take the newest complete checkpoint if the latest is corrupt")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an earlier run in run.out_dir instead of refusing")
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="with --resume: take the newest complete checkpoint if the latest is corrupt",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run in run.out_dir instead of refusing",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     return parser.parse_intermixed_args(argv)
 
@@ -465,16 +574,23 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"resume": args.resume, "fallback": args.fallback, "overwrite": args.overwrite}
     try:
         if args.stage == "pipeline":
-            base = PipelineConfig(ae_stage=preset(args.preset, "autoencoder"),
-                                  lm_stage=preset(args.preset, "calm"))
-            cfg = load_config(PipelineConfig, preset=base, file=args.config, overrides=args.overrides)
+            base = PipelineConfig(
+                ae_stage=preset(args.preset, "autoencoder"), lm_stage=preset(args.preset, "calm")
+            )
+            cfg = load_config(
+                PipelineConfig, preset=base, file=args.config, overrides=args.overrides
+            )
             interrupted = run_pipeline(cfg, **flags).get("interrupted")
         else:
             stage = [o for o in args.overrides if o.split("=", 1)[0].strip() == "stage"]
             if stage and stage[-1].split("=", 1)[1].strip() != args.stage:
                 raise ConfigError(f"{stage[-1]} conflicts with the stage argument {args.stage!r}")
-            cfg = load_config(TrainConfig, preset=preset(args.preset, args.stage), file=args.config,
-                              overrides=[*args.overrides, f"stage={args.stage}"])
+            cfg = load_config(
+                TrainConfig,
+                preset=preset(args.preset, args.stage),
+                file=args.config,
+                overrides=[*args.overrides, f"stage={args.stage}"],
+            )
             interrupted = train(cfg, **flags).interrupted
     except (ConfigError, DataError, TrainError, RunError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

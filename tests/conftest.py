@@ -3,6 +3,8 @@
 * Hypothesis runs derandomised (fixed seeds) so every property test is deterministic.
 * Tests marked ``gpu`` are skipped cleanly when CUDA is not available.
 * ``shared_data`` gives the path of ``../shared/data`` or skips with a clear reason.
+* Every test runs with one torch thread: the tensors are tiny, and on a shared 2-core machine
+  intra-op threads only add overhead.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

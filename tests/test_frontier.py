@@ -37,10 +37,13 @@ def _sentences(seed: int, n: int) -> list[str]:
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("frontier-data")
     train = root / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"text": " ".join(_sentences(i, 40))}) for i in range(40)))
+    train.write_text(
+        "\n".join(json.dumps({"text": " ".join(_sentences(i, 40))}) for i in range(40))
+    )
     wiki = root / "valid.raw"
-    wiki.write_text("".join(f" = Article {i} = \n\n {' '.join(_sentences(100 + i, 30))} \n\n"
-                            for i in range(4)))
+    wiki.write_text(
+        "".join(f" = Article {i} = \n\n {' '.join(_sentences(100 + i, 30))} \n\n" for i in range(4))
+    )
     stories = root / "stories.txt"
     stories.write_text("\n\n".join(" ".join(_sentences(200 + i, 10)) for i in range(10)))
     return {"train": train, "wiki": wiki, "stories": stories}
@@ -49,9 +52,28 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 def test_frontier_runs_end_to_end_and_resumes(corpus, tmp_path, capsys):
     frontier = _load_frontier()
     out = tmp_path / "frontier"
-    argv = ["--train", str(corpus["train"]), "--eval", str(corpus["wiki"]), str(corpus["stories"]),
-            "--out", str(out), "--only", "ar-S", "calm-k4", "--budget", "1e9", "--ae-steps", "4",
-            "--eval-blocks", "2", "--skip-throughput", "--quiet", "--device", "cpu"]
+    argv = [
+        "--train",
+        str(corpus["train"]),
+        "--eval",
+        str(corpus["wiki"]),
+        str(corpus["stories"]),
+        "--out",
+        str(out),
+        "--only",
+        "ar-S",
+        "calm-k4",
+        "--budget",
+        "1e9",
+        "--ae-steps",
+        "4",
+        "--eval-blocks",
+        "2",
+        "--skip-throughput",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert frontier.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {"ar-S", "calm-k4"}

@@ -167,8 +167,9 @@ class GeneratedInclude(SphinxDirective):
             prefix = Path(self.arguments[0]).parent.as_posix() + "/"
             copy = Path(self.env.app.doctreedir) / "generated-include" / md.name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_text(_IMAGE_LINK.sub(rf"\g<1>{prefix}", md.read_text(encoding="utf-8")),
-                            encoding="utf-8")
+            copy.write_text(
+                _IMAGE_LINK.sub(rf"\g<1>{prefix}", md.read_text(encoding="utf-8")), encoding="utf-8"
+            )
             source = self.get_source_info()[0]
             relative = os.path.relpath(copy, Path(source).parent)  # "/x" means srcdir/x here
             lines = [f".. include:: {relative}", "   :parser: myst_parser.sphinx_"]

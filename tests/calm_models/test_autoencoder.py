@@ -46,12 +46,6 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _tiny_models_use_one_thread() -> Iterator[None]:
-    with _single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def shared_ae() -> Autoencoder:
     """A tiny untrained AE for read-only tests (built once: hypothesis calls the test often)."""
@@ -173,7 +167,9 @@ def test_batch_and_chunk_independence(shared_ae, batch, chunks, seed):
 
 def test_input_errors_name_the_argument():
     ae = _tiny()
-    with pytest.raises(ValueError, match=r"tokens must have shape \(\*b, L\) with L a multiple of 4"):
+    with pytest.raises(
+        ValueError, match=r"tokens must have shape \(\*b, L\) with L a multiple of 4"
+    ):
         ae.encode(_tokens(2, 10))
     with pytest.raises(ValueError, match=r"got \(6,\)"):
         ae.loss(_tokens(6))

@@ -112,8 +112,12 @@ def test_round_trip_resumes_training_exactly(tmp_path):
     np.random.seed(1)
     model, optimizer, scheduler = _setup()
     _train(model, optimizer, scheduler, 3)
-    state = {"step": 3, "tokens": 96, "loader": {"epoch": 1, "offset": 7, "order": torch.arange(5)},
-             "rng": capture_rng_state()}
+    state = {
+        "step": 3,
+        "tokens": 96,
+        "loader": {"epoch": 1, "offset": 7, "order": torch.arange(5)},
+        "rng": capture_rng_state(),
+    }
     path = save_checkpoint(
         tmp_path,
         step=3,

@@ -30,13 +30,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def test_data_builds_nested_dataclasses_with_coercion():
-    cfg = load_config(TrainConfig, data={
-        "run": {"seed": 3, "compile": "true"},
-        "baseline": {"hidden_size": 128, "num_heads": 4},
-        "data": {"train_files": ["a.jsonl", "b.jsonl"], "cache_dir": None},
-        "optim": {"lr": "1e-3", "betas": [0.8, 0.9], "weight_decay": 0},
-        "stage": "ar",
-    })
+    cfg = load_config(
+        TrainConfig,
+        data={
+            "run": {"seed": 3, "compile": "true"},
+            "baseline": {"hidden_size": 128, "num_heads": 4},
+            "data": {"train_files": ["a.jsonl", "b.jsonl"], "cache_dir": None},
+            "optim": {"lr": "1e-3", "betas": [0.8, 0.9], "weight_decay": 0},
+            "stage": "ar",
+        },
+    )
     assert isinstance(cfg.baseline, BackboneConfig) and isinstance(cfg.optim, OptimConfig)
     assert cfg.baseline.hidden_size == 128 and cfg.run.seed == 3 and cfg.run.compile is True
     assert type(cfg.optim.weight_decay) is float and cfg.optim.weight_decay == 0.0  # int -> float
@@ -57,7 +60,10 @@ def test_data_builds_nested_dataclasses_with_coercion():
         ({"optim": {"lr": "fast"}}, ["optim.lr", "'fast'", "Float"]),
         ({"optim": 3}, ["OptimConfig"]),
         ({"schedule": {"kind": "exponential"}}, ["schedule: kind must be one of", "'cosine'"]),
-        ({"calm": {"backbone": {"num_layers": 0}}}, ["calm.backbone: num_layers must be an int >= 1"]),
+        (
+            {"calm": {"backbone": {"num_layers": 0}}},
+            ["calm.backbone: num_layers must be an int >= 1"],
+        ),
         ({"baseline": {"num_layers": 0}}, ["baseline: num_layers must be an int >= 1"]),
     ],
 )
@@ -91,8 +97,9 @@ def test_load_yaml_and_toml_files(tmp_path):
     assert a == b and a.baseline.hidden_size == 96 and a.optim.betas == (0.9, 0.99)
     empty = tmp_path / "empty.yml"
     empty.write_text("")
-    assert load_config(TrainConfig, file=empty, overrides=["stage=ar"]) == \
-        load_config(TrainConfig, overrides=["stage=ar"])
+    assert load_config(TrainConfig, file=empty, overrides=["stage=ar"]) == load_config(
+        TrainConfig, overrides=["stage=ar"]
+    )
 
 
 def test_file_errors_are_one_line_and_name_the_file(tmp_path):
@@ -119,11 +126,21 @@ def test_file_errors_are_one_line_and_name_the_file(tmp_path):
 
 
 def test_overrides_parse_floats_lists_bools_strings_and_none():
-    cfg = load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=[
-        "optim.lr=3e-4", "data.train_files=[a.jsonl,b.jsonl]", "run.compile=true",
-        "run.out_dir=123", "data.cache_dir=null", "optim.betas=[0.9, 0.99]",
-        "optim.weight_decay=0", "schedule.warmup_steps=1000", "optim.extra.relative_step=false",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        preset=preset("tiny", "ar"),
+        overrides=[
+            "optim.lr=3e-4",
+            "data.train_files=[a.jsonl,b.jsonl]",
+            "run.compile=true",
+            "run.out_dir=123",
+            "data.cache_dir=null",
+            "optim.betas=[0.9, 0.99]",
+            "optim.weight_decay=0",
+            "schedule.warmup_steps=1000",
+            "optim.extra.relative_step=false",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.data.train_files == ["a.jsonl", "b.jsonl"] and cfg.run.compile is True
     assert cfg.run.out_dir == "123"  # a string field keeps the text
@@ -164,7 +181,9 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
 def test_cross_field_checks_and_presets():
     with pytest.raises(ConfigError, match="autoencoder_path: the calm stage needs"):
         load_config(TrainConfig, overrides=["stage=calm"])
-    with pytest.raises(ConfigError, match=r"run.eval_stride=64 must be a multiple of K=4 and at most"):
+    with pytest.raises(
+        ConfigError, match=r"run.eval_stride=64 must be a multiple of K=4 and at most"
+    ):
         load_config(TrainConfig, preset=preset("tiny", "calm"), overrides=["run.eval_stride=64"])
     with pytest.raises(ConfigError, match="unknown optimizer 'adamx'"):
         load_config(TrainConfig, overrides=["stage=ar", "optim.name=adamx"])
@@ -180,9 +199,17 @@ def test_cross_field_checks_and_presets():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    cfg = load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=[
-        "run.out_dir=exp 1", "optim.lr=1e-10", "optim.betas=[0.85,0.975]",
-        "data.train_files=[x.jsonl]", "run.compile=yes"])
+    cfg = load_config(
+        TrainConfig,
+        preset=preset("tiny", "ar"),
+        overrides=[
+            "run.out_dir=exp 1",
+            "optim.lr=1e-10",
+            "optim.betas=[0.85,0.975]",
+            "data.train_files=[x.jsonl]",
+            "run.compile=yes",
+        ],
+    )
     path = save_config(cfg, tmp_path / "sub" / "config.yaml")
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
     assert load_config(TrainConfig, file=path) == cfg
@@ -197,8 +224,11 @@ def test_save_and_load_round_trip(tmp_path):
 )
 def test_yaml_round_trip_is_exact(hidden, lr, files, out_dir):
     cfg = dataclasses.replace(
-        TrainConfig(stage="ar"), baseline=BackboneConfig(hidden_size=hidden, num_heads=4),
-        optim=OptimConfig(lr=lr), run=dataclasses.replace(TrainConfig().run, out_dir=out_dir))
+        TrainConfig(stage="ar"),
+        baseline=BackboneConfig(hidden_size=hidden, num_heads=4),
+        optim=OptimConfig(lr=lr),
+        run=dataclasses.replace(TrainConfig().run, out_dir=out_dir),
+    )
     cfg.data.train_files = files
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     assert load_config(TrainConfig, data=yaml.safe_load(text)) == cfg

@@ -389,7 +389,9 @@ def test_loader_is_deterministic_and_covers_each_epoch_without_repeats():
     other_rows = torch.cat([_row_ids(next(other).tokens) for _ in range(4)])
     assert not torch.equal(other_rows, torch.cat(rows_a[:4]))
     ordered = BlockLoader(blocks, 5, seed=0, shuffle=False)
-    assert torch.equal(torch.cat([_row_ids(next(ordered).tokens) for _ in range(4)]), torch.arange(20))
+    assert torch.equal(
+        torch.cat([_row_ids(next(ordered).tokens) for _ in range(4)]), torch.arange(20)
+    )
     assert a.epoch == 2 and a.offset == 20
 
 
@@ -531,12 +533,21 @@ def test_prepare_data_with_files_and_holdout(tmp_path):
 
 
 def test_prepare_data_default_stdlib_corpus(tmp_path):
-    cfg = DataConfig(vocab_size=300, block_len=64, max_train_bytes=40_000,
-                     max_valid_bytes=20_000, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        vocab_size=300,
+        block_len=64,
+        max_train_bytes=40_000,
+        max_valid_bytes=20_000,
+        cache_dir=str(tmp_path / "cache"),
+    )
     tok, train, valid = prepare_data(cfg, tmp_path, chunk_size=4, progress=False)
     assert tok.vocab_size == 300 and len(train) > 50 and len(valid) > 10
     text = tok.decode(train[0])
     assert "def " in text or "import " in text or '"""' in text
     with pytest.raises(DataError, match="vocab_size"):
-        prepare_data(DataConfig(vocab_size=260, max_train_bytes=40_000, cache_dir=cfg.cache_dir),
-                     tmp_path, chunk_size=4, progress=False)
+        prepare_data(
+            DataConfig(vocab_size=260, max_train_bytes=40_000, cache_dir=cfg.cache_dir),
+            tmp_path,
+            chunk_size=4,
+            progress=False,
+        )

@@ -22,15 +22,6 @@ COND, LATENT = 8, 2  # synthetic task: condition c ~ N(0, I_8), target y in R^2
 TINY = dict(hidden_size=16, num_blocks=2, noise_size=8, flow_steps=3, diffusion_steps=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(head_type: str, **overrides) -> HeadConfig:
     return HeadConfig(type=head_type, **{**TINY, **overrides})
 

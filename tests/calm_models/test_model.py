@@ -18,11 +18,15 @@ V = 40
 
 def _model(k: int = 4, seed: int = 0, head: str = "energy") -> CALM:
     torch.manual_seed(seed)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=V, chunk_size=k, latent_size=8, hidden_size=32,
-                                       intermediate_size=64))
+    ae = Autoencoder(
+        AutoencoderConfig(
+            vocab_size=V, chunk_size=k, latent_size=8, hidden_size=32, intermediate_size=64
+        )
+    )
     cfg = CALMConfig(
-        backbone=BackboneConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                max_seq_len=128),
+        backbone=BackboneConfig(
+            hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128
+        ),
         head=HeadConfig(type=head, hidden_size=32, num_blocks=1, flow_steps=2, diffusion_steps=4),
         num_targets=16,
     )
@@ -103,9 +107,15 @@ def test_cached_and_uncached_generation_agree(k):
     prompts = [torch.randint(V, (n,)) for n in (3, 9, 5)]
     for temperature, sampler in [(1.0, "exact"), (0.5, "batch"), (0.7, "exact")]:
         outs = [
-            model.generate(prompts, 12, temperature=temperature, sampler=sampler,
-                           num_candidates=16, use_cache=use_cache,
-                           generator=torch.Generator().manual_seed(3)).tokens
+            model.generate(
+                prompts,
+                12,
+                temperature=temperature,
+                sampler=sampler,
+                num_candidates=16,
+                use_cache=use_cache,
+                generator=torch.Generator().manual_seed(3),
+            ).tokens
             for use_cache in (True, False)
         ]
         for a, b in zip(*outs, strict=True):
@@ -163,8 +173,9 @@ def test_calm_and_baseline_are_scored_on_the_same_positions():
     assert r1.count == r2.count == 2 * 2 * len(evaluation_starts(32, 8))
     # positions 8, 16, 24 are chunk boundaries 2, 4, 6 of the default positions 4, 8, ..., 28
     every = calm.brier_estimates(batches[0], generator=torch.Generator().manual_seed(0))
-    chosen = calm.brier_estimates(batches[0], evaluation_starts(32, 8),
-                                  generator=torch.Generator().manual_seed(0))
+    chosen = calm.brier_estimates(
+        batches[0], evaluation_starts(32, 8), generator=torch.Generator().manual_seed(0)
+    )
     assert every.shape == (2, 7, 4) and torch.equal(chosen, every[:, [1, 3, 5]])
     with pytest.raises(ValueError, match="multiple of the model's chunk size"):
         evaluate_brier_lm(_model(k=4), batches, stride=6)

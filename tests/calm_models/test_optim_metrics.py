@@ -176,7 +176,9 @@ def test_torch_optimizer_optimizers_by_name():
         model(torch.randn(8, 4)).pow(2).mean().backward()
         optimizer.step()
         assert not torch.equal(model.weight, before)
-    with pytest.raises(ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd"):
+    with pytest.raises(
+        ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd"
+    ):
         OptimConfig(name="lambb")
 
 

@@ -15,56 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from calm_models.train import main
+from tests.calm_models._runs import tiny_args as _tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
-
-WORDS = (
-    "the a model of text learns to predict next chunk vector from its context and a small "
-    "autoencoder maps four tokens into one latent which the decoder turns back into tokens"
-).split()
-
-
-def _corpus(tmp_path: Path) -> Path:
-    """A deterministic ~40 kB JSONL corpus."""
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(120):
-        idx = torch.randint(len(WORDS), (int(torch.randint(20, 60, (1,), generator=g)),), generator=g)
-        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in idx.tolist()) + "."}))
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _tiny_args(tmp_path: Path, out: str, stage: str = "ar", **extra: object) -> list[str]:
-    corpus = _corpus(tmp_path)
-    args = {
-        "data.train_files": f"[{corpus}]",
-        "data.vocab_size": 300,
-        "data.block_len": 16,
-        "data.valid_fraction": 0.1,
-        "data.cache_dir": str(tmp_path / "cache"),
-        "baseline.hidden_size": 32,
-        "baseline.num_layers": 2,
-        "baseline.num_heads": 2,
-        "baseline.max_seq_len": 64,
-        "autoencoder.hidden_size": 32,
-        "autoencoder.latent_size": 8,
-        "autoencoder.intermediate_size": 64,
-        "schedule.kind": "constant",
-        "schedule.warmup_steps": 3,
-        "optim.lr": 3e-3,
-        "run.out_dir": str(tmp_path / out),
-        "run.batch_size": 4,
-        "run.eval_every": 0,
-        "run.eval_batches": 1,
-        "run.save_every": 0,
-        "run.log_every": 1,
-        "run.progress": False,
-        "run.num_threads": 1,
-    }
-    args.update({k: v for k, v in extra.items()})
-    return [stage, *[f"{k}={v}" for k, v in args.items()]]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -92,7 +45,9 @@ def test_resume_continues_exactly(tmp_path, stage):
 
 def test_resume_with_mismatched_model_config_names_the_field(tmp_path, capsys):
     assert main(_tiny_args(tmp_path, "run", **{"run.steps": 2})) == 0
-    code = main([*_tiny_args(tmp_path, "run", **{"run.steps": 4, "baseline.num_layers": 3}), "--resume"])
+    code = main(
+        [*_tiny_args(tmp_path, "run", **{"run.steps": 4, "baseline.num_layers": 3}), "--resume"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert "baseline.num_layers" in err and len(err.splitlines()) == 1
@@ -132,8 +87,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     one = _tiny_args(tmp_path, "one", **common, **{"run.batch_size": 8})
     assert main(one) == 0
     two = _tiny_args(tmp_path, "two", **common, **{"run.batch_size": 4})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "calm_models.train", *two]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "calm_models.train",
+        *two,
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     l1, l2 = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
@@ -146,8 +109,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     args = _tiny_args(tmp_path, "run", **{"run.steps": 100000})
-    proc = subprocess.Popen([sys.executable, "-m", "calm_models.train", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calm_models.train", *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
@@ -159,6 +127,14 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "interrupted at step" in err
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
     # and it resumes from there
-    step = json.loads((tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() / "meta.json").read_text())["step"]
+    step = json.loads(
+        (
+            tmp_path
+            / "run"
+            / "checkpoints"
+            / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+            / "meta.json"
+        ).read_text()
+    )["step"]
     assert step >= 1
     assert main([*_tiny_args(tmp_path, "run", **{"run.steps": step + 2}), "--resume"]) == 0
