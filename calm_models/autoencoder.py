@@ -13,10 +13,13 @@ reconstructs the chunk from it; the language model then predicts vectors. The au
 
 Architecture (pre-RMSNorm residual SwiGLU layers, bias-free except the latent projection)::
 
-    encoder: embed K tokens -> per-token layers -> RMSNorm -> flatten K*H -> linear to H
+    encoder: embed K tokens -> per-token layers -> [RMSNorm] -> flatten K*H -> linear to H
              -> chunk layers -> RMSNorm -> linear to 2l = (mean, log_std)
-    decoder: linear l -> H -> chunk layers -> RMSNorm -> linear to K*H -> K positions
+    decoder: linear l -> H -> chunk layers -> [RMSNorm] -> linear to K*H -> K positions
              -> per-token layers -> RMSNorm -> logits through the tied token embedding
+
+The bracketed norms are ours; the authors' released models have none there and biases on the
+three projections around them (``inner_norms=False, projection_bias=True``).
 
 Axis key: ``*b`` leading axes, ``N`` flattened batch, ``L = C * K`` tokens, ``C`` chunks,
 ``K`` chunk size, ``H`` hidden width, ``l`` latent size, ``V`` vocabulary.
@@ -61,8 +64,8 @@ class _Encoder(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.token_layers = _stack(cfg, cfg.num_token_layers)
-        self.token_norm = RMSNorm(h, cfg.norm_eps)
-        self.squeeze = nn.Linear(cfg.chunk_size * h, h, bias=False)
+        self.token_norm = RMSNorm(h, cfg.norm_eps) if cfg.inner_norms else nn.Identity()
+        self.squeeze = nn.Linear(cfg.chunk_size * h, h, bias=cfg.projection_bias)
         self.chunk_layers = _stack(cfg, cfg.num_chunk_layers)
         self.norm = RMSNorm(h, cfg.norm_eps)
         self.to_latent = nn.Linear(h, 2 * cfg.latent_size, bias=True)
@@ -83,10 +86,10 @@ class _Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         h, self.chunk_size = cfg.hidden_size, cfg.chunk_size
-        self.from_latent = nn.Linear(cfg.latent_size, h, bias=False)
+        self.from_latent = nn.Linear(cfg.latent_size, h, bias=cfg.projection_bias)
         self.chunk_layers = _stack(cfg, cfg.num_chunk_layers)
-        self.chunk_norm = RMSNorm(h, cfg.norm_eps)
-        self.expand = nn.Linear(h, cfg.chunk_size * h, bias=False)
+        self.chunk_norm = RMSNorm(h, cfg.norm_eps) if cfg.inner_norms else nn.Identity()
+        self.expand = nn.Linear(h, cfg.chunk_size * h, bias=cfg.projection_bias)
         self.token_layers = _stack(cfg, cfg.num_token_layers)
         self.norm = RMSNorm(h, cfg.norm_eps)
 

@@ -80,6 +80,11 @@ class TokenLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=cfg.backbone.init_std)
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids ``V``."""
+        return self.cfg.vocab_size
+
+    @property
     def max_tokens(self) -> int:
         """Longest context in tokens (the backbone's ``max_seq_len``)."""
         return self.cfg.backbone.max_seq_len

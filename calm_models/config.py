@@ -58,7 +58,7 @@ __all__ = [
 
 #: Stages of :func:`calm_models.train.train`.
 STAGES = ("autoencoder", "calm", "ar")
-HEAD_TYPES = ("energy", "flow", "diffusion")
+HEAD_TYPES = ("energy", "energy_mlp", "flow", "diffusion")
 _BUILTIN_OPTIMIZERS = ("adamw", "adam", "sgd")
 # Optimisers of the torch-optimizer package (checked here so that a typo fails before training).
 _TORCH_OPTIMIZER_NAMES = frozenset(
@@ -137,6 +137,10 @@ class AutoencoderConfig:
             by a random id, so that ids the corpus never contains are trained too (paper: 0).
         init_std: Standard deviation of the normal init of every linear layer and embedding.
         norm_eps: Epsilon of every RMSNorm.
+        inner_norms: An RMSNorm before the flatten of the ``K`` tokens and before the expand
+            (ours); ``False`` is the reference layout (the authors' released models).
+        projection_bias: Biases on the flatten, latent-to-hidden and expand projections
+            (``True`` in the reference layout).
 
     Example:
         >>> AutoencoderConfig(vocab_size=128_256).ffn_size
@@ -157,6 +161,8 @@ class AutoencoderConfig:
     random_token_prob: float = 0.0
     init_std: float = 0.05
     norm_eps: float = 1e-6
+    inner_norms: bool = True
+    projection_bias: bool = False
 
     def __post_init__(self) -> None:
         _ints(
@@ -256,7 +262,9 @@ class HeadConfig:
     """A generative head (:mod:`calm_models.heads`); fields of the other types are ignored.
 
     Attributes:
-        type: ``"energy"`` (CALM), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
+        type: ``"energy"`` (CALM with our adaLN network), ``"energy_mlp"`` (CALM with the
+            reference's MLP generator: LayerNorms and concatenated conditioning, as in the
+            released models), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
         hidden_size: Head width ``w``.
         num_blocks: Residual MLP blocks.
         noise_size: Size of the energy head's uniform noise ``U[-1/2, 1/2]^z``.
@@ -326,7 +334,10 @@ class CALMConfig:
         backbone: The Transformer over chunks.
         head: The generative head.
         num_targets: Posterior draws ``M`` per chunk used as energy-loss targets (paper: 100).
-        compress_ffn_size: Width of the input compression's SwiGLU (``None``: ``2 h``).
+        compress: Input compression of the ``K`` token embeddings of a chunk: ``"swiglu"``
+            (``Linear(K h, h)`` then ``x + SwiGLU(RMSNorm(x))``) or ``"mlp"`` (the reference:
+            ``Linear(K h, w) -> SiLU -> Linear(w, h) -> LayerNorm``).
+        compress_ffn_size: Inner width ``w`` of the compression (``None``: ``2 h``).
 
     Example:
         >>> CALMConfig(num_targets=0)
@@ -338,10 +349,12 @@ class CALMConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     num_targets: int = 100
+    compress: str = "swiglu"
     compress_ffn_size: int | None = None
 
     def __post_init__(self) -> None:
         _ints(self, 1, "num_targets", "compress_ffn_size")
+        _choice(self, "compress", ("swiglu", "mlp"))
 
 
 @dataclass

@@ -10,6 +10,9 @@ the last block are not scored.
 Command line::
 
     python -m calm_models.evaluate RUN [--data FILE ...] [--batches N] [--out FILE.json]
+    python -m calm_models.evaluate --hf MODEL_DIR --data FILE [--dtype bf16] [--eos-token TOKEN]
+
+``--hf`` scores any local Hugging Face causal LM (:mod:`calm_models.hf`) the same way.
 """
 
 from __future__ import annotations
@@ -130,7 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m calm_models.evaluate", description="BrierLM of a trained model."
     )
-    parser.add_argument("checkpoint", help="run directory or checkpoint directory")
+    parser.add_argument("checkpoint", nargs="?", help="run directory or checkpoint directory")
+    parser.add_argument("--hf", default=None, help="a local Hugging Face causal LM folder instead")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="--hf: the weights' dtype (auto: bf16 on a GPU that has it)",
+    )
+    parser.add_argument("--eos-token", default=None, help="--hf: EOS after each document")
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
     parser.add_argument("--batches", type=_non_negative, default=0, help="max batches (0: all)")
     parser.add_argument("--batch-size", type=_positive, default=8)
@@ -145,7 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out and not Path(args.out).resolve().parent.is_dir():
             raise ValueError(f"--out: the folder {Path(args.out).parent} does not exist")
-        run = load_run(args.checkpoint, device=args.device)
+        if (args.hf is None) == (args.checkpoint is None):
+            raise ValueError("give a run directory or --hf MODEL_DIR (with --data), not both")
+        if args.hf is not None:
+            from calm_models.hf import load_hf_run
+
+            if not args.data:
+                raise ValueError("--hf needs --data FILE (a transformers model has no data split)")
+            run = load_hf_run(
+                args.hf,
+                device=args.device,
+                dtype=args.dtype,
+                eos_token=args.eos_token,
+                block_len=args.block_len or 1024,
+            )
+        else:
+            run = load_run(args.checkpoint, device=args.device)
         if run.config.stage == "autoencoder":
             raise ValueError(
                 f"{args.checkpoint} is an autoencoder run; BrierLM scores a language "
@@ -185,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = ", ".join(args.data) if args.data else "validation split"
     print(
-        format_result(result, f"{run.config.stage} {run.checkpoint} (step {run.step}) on {source}")
+        format_result(
+            result,
+            f"{'hf' if args.hf else run.config.stage} {run.checkpoint} "
+            f"(step {run.step}) on {source}",
+        )
     )
     out = Path(args.out) if args.out else run.checkpoint / "brier_lm.json"
     atomic_write(

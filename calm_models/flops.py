@@ -82,6 +82,10 @@ def head_flops(
         num_targets: Targets ``M`` given to the loss.
         num_steps: Sampler steps of a flow or diffusion head (default: its configured number).
     """
+    if head.cfg.type == "energy_mlp":  # the condition is concatenated to every sample's input
+        n = head.cfg.num_samples if loss else num_samples
+        per_sample = linear_flops(head.noise_embd, head.mlp_blocks, head.final_layer)
+        return linear_flops(head.hidden_embd) + n * per_sample
     net = head.net
     cond = linear_flops(head.cond_proj)
     modulation = linear_flops(net.final_modulation, *(b.modulation for b in net.blocks))

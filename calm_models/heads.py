@@ -8,6 +8,7 @@ conditioning vector, zero-initialised (MAR's head, DiT's adaLN-Zero).
 
 * :class:`EnergyHead` (CALM): one pass maps the hidden state and uniform noise to a sample;
   trained with the energy score (:func:`likelihood_free.energy.energy_loss`).
+  :class:`MLPEnergyHead` is the same head with the network of the authors' released models.
 * :class:`FlowHead`: conditional flow matching on the linear path; sampling integrates the
   learned velocity with Euler or midpoint steps.
 * :class:`DiffusionHead`: epsilon-prediction DDPM with the cosine schedule; DDIM sampling on a
@@ -166,6 +167,81 @@ class EnergyHead(nn.Module):
         return energy_loss(samples, targets, beta=self.cfg.beta, reduction="none")
 
     forward = loss
+
+
+class _MLPBlock(nn.Module):
+    """The reference's block: ``x + down(silu(g) * u)``, ``[g, u] = MLP([LN(x), c])``."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=eps)
+        self.linears = nn.Sequential(
+            nn.Linear(2 * width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2 * width),
+        )
+        self.down_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linears(torch.cat([self.in_ln(x), c], dim=-1)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class _FinalLayer(nn.Module):
+    def __init__(self, width: int, out_size: int, eps: float) -> None:
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=eps)
+        self.linears = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linears(self.in_ln(x))
+
+
+class MLPEnergyHead(EnergyHead):
+    r"""The energy head of the authors' released models (``HeadConfig.type = "energy_mlp"``).
+
+    A sample is the reference's "MLP generator": ``x = LN(Linear(eps))`` for uniform noise
+    ``eps ~ U[-1/2, 1/2]^z``, the condition ``c = LN(Linear(hidden))`` (computed once per
+    position), ``num_blocks`` residual blocks ``x + down(silu(g) * u)`` with
+    ``[g, u] = L3(silu(L2(silu(L1([LN(x), c])))))``, and a final ``L(silu(L(LN(x))))`` to the
+    latent. All layer norms are affine; every linear layer has a bias; the last one starts at
+    zero. Training is the energy loss, as :class:`EnergyHead`. Parameter names follow the
+    reference (``noise_embd``, ``mlp_blocks.{i}.linears``...), so its weights load unchanged.
+
+    Example:
+        >>> cfg = HeadConfig(type="energy_mlp", hidden_size=16, num_blocks=2, noise_size=8)
+        >>> MLPEnergyHead(cfg, cond_size=16, latent_size=4).sample(torch.randn(3, 16), 5).shape
+        torch.Size([5, 3, 4])
+    """
+
+    def __init__(self, cfg: HeadConfig, cond_size: int, latent_size: int) -> None:
+        nn.Module.__init__(self)
+        self.cfg, self.cond_size, self.latent_size = cfg, cond_size, latent_size
+        w, eps = cfg.hidden_size, cfg.norm_eps
+        self.noise_embd, self.norm_noise = nn.Linear(cfg.noise_size, w), nn.LayerNorm(w, eps=eps)
+        self.hidden_embd, self.norm_hidden = nn.Linear(cond_size, w), nn.LayerNorm(w, eps=eps)
+        self.mlp_blocks = nn.ModuleList(_MLPBlock(w, eps) for _ in range(cfg.num_blocks))
+        self.final_layer = _FinalLayer(w, latent_size, eps)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.final_layer.linears[-1].weight)
+
+    def sample(
+        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
+        _check_inputs(self, hidden)
+        shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
+        eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        x = self.norm_noise(self.noise_embd(eps))  # (n, ..., w)
+        c = self.norm_hidden(self.hidden_embd(hidden)).expand_as(x)  # (n, ..., w), shared
+        for block in self.mlp_blocks:
+            x = block(x, c)
+        return self.final_layer(x).to(hidden.dtype)
 
 
 class NoiseToDataHead(nn.Module):
@@ -358,7 +434,12 @@ class DiffusionHead(NoiseToDataHead):
         return x
 
 
-_HEADS = {"energy": EnergyHead, "flow": FlowHead, "diffusion": DiffusionHead}
+_HEADS = {
+    "energy": EnergyHead,
+    "energy_mlp": MLPEnergyHead,
+    "flow": FlowHead,
+    "diffusion": DiffusionHead,
+}
 
 
 def build_head(cfg: HeadConfig, cond_size: int, latent_size: int) -> nn.Module:

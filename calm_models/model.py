@@ -36,10 +36,10 @@ SAMPLERS = ("exact", "batch")
 
 
 class InputCompressor(nn.Module):
-    """The ``K`` token embeddings of a chunk -> one backbone input: ``Linear(K*h, h)`` then ``x + SwiGLU(RMSNorm(x))``.
+    """The ``K`` flattened token embeddings of a chunk -> one input: ``Linear(K h, h)``, then ``x + SwiGLU(RMSNorm(x))``.
 
     Example:
-        >>> InputCompressor(chunk_size=4, hidden_size=8, ffn_size=16)(torch.randn(2, 3, 4, 8)).shape
+        >>> InputCompressor(chunk_size=4, hidden_size=8, ffn_size=16)(torch.randn(2, 3, 32)).shape
         torch.Size([2, 3, 8])
     """
 
@@ -50,9 +50,26 @@ class InputCompressor(nn.Module):
         self.ffn = SwiGLU(hidden_size, ffn_size)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        """``(*b, C, K, h)`` -> ``(*b, C, h)``."""
-        x = self.proj(emb.flatten(-2))
+        """``(*b, C, K h)`` -> ``(*b, C, h)``."""
+        x = self.proj(emb)
         return x + self.ffn(self.norm(x))
+
+
+def _compressor(config: CALMConfig, k: int) -> nn.Module:
+    """The input compression of ``config.compress`` (see :class:`~calm_models.config.CALMConfig`)."""
+    h = config.backbone.hidden_size
+    width = config.compress_ffn_size or 2 * h
+    if config.compress == "swiglu":
+        module = InputCompressor(k, h, width)
+        std = config.backbone.init_std
+        nn.init.normal_(module.proj.weight, std=std / math.sqrt(k))
+        for lin in (module.ffn.w1, module.ffn.w3):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.zeros_(module.ffn.w2.weight)
+        return module
+    return nn.Sequential(
+        nn.Linear(k * h, width), nn.SiLU(), nn.Linear(width, h), nn.LayerNorm(h, eps=1e-6)
+    )
 
 
 class CALM(nn.Module):
@@ -81,20 +98,20 @@ class CALM(nn.Module):
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         h, k = config.backbone.hidden_size, autoencoder.chunk_size
         self.embedding = nn.Embedding(autoencoder.vocab_size, h)
-        self.compress = InputCompressor(k, h, config.compress_ffn_size or 2 * h)
+        self.compress = _compressor(config, k)
         self.backbone = Backbone(config.backbone)
         self.head = build_head(config.head, cond_size=h, latent_size=autoencoder.latent_size)
-        std = config.backbone.init_std
-        nn.init.normal_(self.embedding.weight, std=std)
-        nn.init.normal_(self.compress.proj.weight, std=std / math.sqrt(k))
-        for lin in (self.compress.ffn.w1, self.compress.ffn.w3):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.zeros_(self.compress.ffn.w2.weight)
+        nn.init.normal_(self.embedding.weight, std=config.backbone.init_std)
 
     @property
     def chunk_size(self) -> int:
         """Tokens per chunk ``K``."""
         return self.autoencoder.chunk_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids ``V`` (the autoencoder's)."""
+        return self.autoencoder.vocab_size
 
     @property
     def max_tokens(self) -> int:
@@ -115,7 +132,7 @@ class CALM(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, **backbone_kwargs) -> torch.Tensor:
         """Backbone states ``(b, C, h)`` of tokens ``(b, C*K)``; state ``c`` predicts chunk ``c + 1``."""
         b, length = tokens.shape
-        emb = self.embedding(tokens).view(b, length // self.chunk_size, self.chunk_size, -1)
+        emb = self.embedding(tokens).view(b, length // self.chunk_size, -1)  # (b, C, K h)
         return self.backbone(self.compress(emb), **backbone_kwargs)
 
     def loss(

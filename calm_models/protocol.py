@@ -44,11 +44,12 @@ class LanguageModel(Protocol):
 
     ``chunk_size`` is the number of tokens predicted per step (``K`` for CALM, 1 for a token
     model); BrierLM positions must be multiples of it. ``max_tokens`` is the longest context
-    in tokens.
+    in tokens and ``vocab_size`` the number of token ids.
     """
 
     chunk_size: int
     max_tokens: int
+    vocab_size: int
 
     def loss(
         self,

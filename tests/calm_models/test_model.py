@@ -202,3 +202,18 @@ def test_flops_accounting_favours_larger_chunks():
     flops = {k: _model(k=k).flops_per_token(64) for k in (1, 2, 4)}
     assert flops[4]["inference"] < flops[2]["inference"] < flops[1]["inference"]
     assert all(f["train"] > f["inference"] for f in flops.values())
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_and_generation_on_cuda():
+    model = _model(k=4).cuda().train()
+    tokens = torch.randint(V, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.loss(tokens, generator=torch.Generator("cuda").manual_seed(0))["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    outs = [model.generate(tokens[:2, :8], 8, generator=torch.Generator("cuda").manual_seed(1),
+                           use_cache=cache).tokens for cache in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))

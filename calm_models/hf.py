@@ -1,0 +1,246 @@
+"""BrierLM (and generation) for any local Hugging Face causal language model.
+
+:class:`HFLanguageModel` puts a ``transformers`` causal LM (Llama, GPT-2, Qwen, ...) behind the
+:class:`~calm_models.protocol.LanguageModel` protocol, so :func:`calm_models.evaluate.evaluate_brier_lm`
+scores it with the same estimator, positions and standard errors as the token baseline::
+
+    python -m calm_models.evaluate --hf MODEL_DIR --data FILE [--block-len 1024] [--dtype bf16]
+
+The estimate at position ``s`` is ``2 P(y_{1:n}) - P(x_{1:n})`` (see
+:class:`~calm_models.baseline.BrierTerms`): the target's probability comes from one
+teacher-forced pass, the sampled continuation ``x`` from rollouts of every position at once,
+each a row whose prefix is left-padded (attention mask and position ids), decoded with the
+model's key/value cache. The text is tokenised with the ``tokenizer.json`` of the model's folder
+and every document ends with its EOS (detected, or ``--eos-token``); no BOS is added.
+``transformers`` is an optional dependency (``pip install transformers``); nothing is downloaded.
+
+Axis key: ``b`` rows, ``L`` tokens, ``P`` positions, ``n`` n-gram order, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_models._layers import check_int, check_tokens
+from calm_models.baseline import _sample_next, _sample_with_logprob
+from calm_models.config import DataConfig, TrainConfig
+from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad
+
+__all__ = ["HFLanguageModel", "load_hf_run"]
+
+
+class HFLanguageModel(nn.Module):
+    """A ``transformers`` causal LM with the methods of :class:`~calm_models.protocol.LanguageModel`.
+
+    Args:
+        model: A ``transformers`` ``*ForCausalLM`` module.
+        rollout_rows: Rollout rows per forward pass (bounds the memory of :meth:`brier_estimates`).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> hf = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1,
+        ...                                 n_head=2))
+        >>> model = HFLanguageModel(hf).eval()
+        >>> model.brier_estimates(torch.randint(20, (2, 12)), torch.tensor([4, 8])).shape
+        torch.Size([2, 2, 4])
+    """
+
+    chunk_size = 1
+
+    def __init__(self, model: nn.Module, rollout_rows: int = 64) -> None:
+        super().__init__()
+        self.hf = model
+        self.rollout_rows = rollout_rows
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.max_tokens = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+
+    def _logits(self, tokens, mask=None, past=None, positions=None):
+        out = self.hf(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=past is not None or mask is not None,
+        )
+        return out.logits, out.past_key_values
+
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Mean next-token cross-entropy over ``(b, L)`` blocks (padded targets left out)."""
+        tokens = check_tokens(tokens, vocab_size=self.vocab_size)
+        logits = self._logits(tokens[:, :-1])[0].float()
+        weight = (
+            torch.ones_like(tokens[:, 1:], dtype=torch.float)
+            if mask is None
+            else mask[:, 1:].float()
+        )
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return {"loss": (ce * weight.flatten()).sum() / weight.sum().clamp_min(1)}
+
+    @torch.no_grad()
+    def brier_estimates(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        max_order: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Unbiased Brier-1..n estimates ``(b, P, n)``, position ``s`` predicting ``tokens[:, s:s+n]``."""
+        tokens = check_tokens(tokens, vocab_size=self.vocab_size)
+        b, length = tokens.shape
+        check_int(max_order, "max_order", 1)
+        if positions is None:
+            positions = torch.arange(1, length - max_order + 1, device=tokens.device)
+        starts = check_positions(positions, length, max_order, 1, tokens.device)  # (P,)
+        p = starts.shape[0]
+        u = torch.rand(b, p, max_order, generator=generator, device=tokens.device)
+        logits = self._logits(tokens)[0].float()  # (b, L, V)
+        pred = logits[:, :-1]  # teacher forcing
+        target_lp = pred.gather(-1, tokens[:, 1:, None]).squeeze(-1) - pred.logsumexp(-1)
+        target_lp = target_lp[
+            :, starts[:, None] - 1 + torch.arange(max_order, device=tokens.device)
+        ]
+        # rollouts: one row per (row, position), its prefix left-padded to the longest
+        width = int(starts.max())
+        col = torch.arange(width, device=tokens.device)
+        offset = width - starts  # (P,) left padding of each position
+        src = (col[None, :] - offset[:, None]).clamp_min(0)  # (P, width)
+        real = col[None, :] >= offset[:, None]  # (P, width)
+        prefix = torch.where(real, tokens[:, src], 0).reshape(b * p, width)
+        real = real.repeat(b, 1)
+        start_logits = logits[:, starts - 1].reshape(b * p, -1)
+        samples, sample_lp = [], []
+        for rows in torch.arange(b * p, device=tokens.device).split(self.rollout_rows):
+            x, lp = self._rollout(
+                prefix[rows], real[rows], start_logits[rows], u.reshape(b * p, max_order)[rows]
+            )
+            samples.append(x)
+            sample_lp.append(lp)
+        sample_lp = torch.cat(sample_lp).reshape(b, p, max_order)
+        return 2 * target_lp.cumsum(-1).exp() - sample_lp.cumsum(-1).exp()
+
+    def _rollout(self, prefix, real, logits, u):
+        """Sample ``n`` tokens after each left-padded prefix: ``(x, log P(x))``, each ``(r, n)``."""
+        mask = real.long()
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        past, xs, lps = None, [], []
+        for j in range(u.shape[1]):
+            x, lp = _sample_with_logprob(logits, u[:, j])
+            xs.append(x)
+            lps.append(lp)
+            if j + 1 < u.shape[1]:
+                if past is None:  # prefill the prefixes, then one token per step
+                    _, past = self._logits(prefix, mask, positions=pos)
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                step_logits, past = self._logits(x[:, None], mask, past, pos[:, -1:] + j + 1)
+                logits = step_logits[:, -1].float()
+        return torch.stack(xs, -1), torch.stack(lps, -1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        sampler: str = "exact",
+        num_candidates: int = 200,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Generation:
+        """Sample continuations of left-padded prompts (``softmax(logits / T)``; ``T = 0``: greedy)."""
+        device = next(self.parameters()).device
+        tokens, real = left_pad(prompts, 0, 1, self.vocab_size, device)
+        check_int(max_new_tokens, "max_new_tokens", 1)
+        mask, out, past = real.long(), [], None
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+        inputs = tokens
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(1) - 1).clamp_min(0)[:, -inputs.shape[1] :]
+            logits, past = self._logits(inputs, mask, past if use_cache else None, pos)
+            u = torch.rand(tokens.shape[0], generator=generator, device=device)
+            nxt = _sample_next(logits[:, -1].float(), temperature, None, u)
+            out.append(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            inputs = nxt[:, None] if use_cache else torch.cat([tokens, torch.stack(out, 1)], 1)
+        generated = torch.stack(out, 1)
+        return Generation([cut_at_eos(r, eos_id) for r in generated.unbind(0)], 0, len(out))
+
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """About ``2 x`` the non-embedding parameters plus attention over ``seq_len`` keys, per token."""
+        cfg = self.hf.config
+        embedding = self.hf.get_input_embeddings().weight.numel()
+        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        width = getattr(cfg, "hidden_size", None) or cfg.n_embd
+        forward = 2.0 * (sum(p.numel() for p in self.hf.parameters()) - embedding)
+        forward += 4.0 * layers * seq_len * width
+        return {"train": 3 * forward, "inference": forward}
+
+
+def load_hf_run(
+    model_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "auto",
+    eos_token: str | None = None,
+    block_len: int = 1024,
+):
+    """A :class:`~calm_models.runs.LoadedRun` of a local ``transformers`` causal LM folder.
+
+    Args:
+        model_dir: A folder with ``config.json``, the weights and ``tokenizer.json``.
+        device: ``auto`` or a torch device.
+        dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16`` or ``fp32``.
+        eos_token: The EOS appended to every document (default: detected from the tokenizer).
+        block_len: Tokens per evaluation block (at most the model's context).
+
+    Raises:
+        RunError: One line: ``transformers`` missing, no such folder, unreadable model.
+    """
+    from calm_models.data import DataError, TextTokenizer
+    from calm_models.distributed import resolve_device
+    from calm_models.runs import LoadedRun, RunError
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise RunError("--hf needs the transformers package (pip install transformers)") from None
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise RunError(f"{folder}: no config.json (a local transformers model folder is needed)")
+    try:
+        dev = (
+            resolve_device(str(device))
+            if str(device) in ("auto", "cuda", "mps")
+            else torch.device(device)
+        )
+        bf16 = dtype == "bf16" or (
+            dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32
+        )
+        tokenizer = TextTokenizer.load(folder / "tokenizer.json", eos_token=eos_token)
+    except (OSError, ValueError, DataError) as exc:
+        raise RunError(f"{folder}: {str(exc).splitlines()[0]}") from None
+    model = HFLanguageModel(hf.to(dev).eval())
+    cfg = TrainConfig(
+        stage="ar",
+        data=DataConfig(block_len=min(block_len, model.max_tokens), eos_token=tokenizer.eos_token),
+    )
+    return LoadedRun(model.eval(), cfg, tokenizer, folder, 0, "")

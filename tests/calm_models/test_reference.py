@@ -1,0 +1,231 @@
+"""Parity with the authors' reference implementation (issue 16).
+
+Tiny reference models with random weights are built with the reference code (MIT, in
+``../shared/reference/calm``, importable by tests only), saved with ``save_pretrained``,
+converted by :func:`calm_models.convert.convert`, and must give the same outputs to 1e-5 in
+fp32: posterior mean and log-std, decoder logits, backbone hidden states (also cached), energy
+head samples for the same noise, and the energy loss for the same samples and targets. The
+converted run then works with the evaluate, generate and robustness commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_models import evaluate, generate, robustness
+from calm_models.convert import ConversionError, convert
+from calm_models.convert import main as convert_main
+from calm_models.runs import load_run
+from likelihood_free.energy import energy_loss
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "calm"
+if not (REFERENCE / "models").is_dir():
+    pytest.skip(f"the reference implementation is not at {REFERENCE}", allow_module_level=True)
+transformers = pytest.importorskip("transformers", reason="the parity tests need transformers")
+if transformers.__version__ != "4.43.0":
+    pytest.skip(
+        f"the reference code needs transformers 4.43.0, found {transformers.__version__}",
+        allow_module_level=True,
+    )
+sys.path.insert(0, str(REFERENCE))
+from models.configuration_autoencoder import AutoencoderConfig as RefAEConfig  # noqa: E402
+from models.configuration_calm import CALMConfig as RefCALMConfig  # noqa: E402
+from models.modeling_autoencoder import Autoencoder as RefAutoencoder  # noqa: E402
+from models.modeling_energy import EnergyTransformer  # noqa: E402
+
+V, K, L = 96, 4, 32
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    """Random values everywhere (norm weights near 1): the reference init hides mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(
+                1 + 0.1 * noise
+                if ("norm" in name or "ln" in name) and p.dim() == 1
+                else 0.2 * noise
+            )
+
+
+def _tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(V - 1)} | {"<|end_of_text|>": V - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """A tiny reference autoencoder and CALM (GQA, rope_theta 5e5), saved and converted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    torch.manual_seed(0)
+    ae = RefAutoencoder(
+        RefAEConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            latent_size=16,
+            patch_size=K,
+            rms_norm_eps=1e-5,
+        )
+    )
+    _perturb(ae, 1)
+    ae.save_pretrained(tmp / "ae", safe_serialization=False)
+    calm = EnergyTransformer(
+        RefCALMConfig(
+            ae_path=str(tmp / "ae"),
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            latent_size=16,
+            patch_size=K,
+            num_mlp_layers=2,
+            noise_size=8,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+        )
+    )
+    _perturb(calm.transformer, 2)
+    _perturb(calm.embed_proj, 3)
+    _perturb(calm.mlp_generator, 4)
+    calm.save_pretrained(tmp / "calm", safe_serialization=False)  # the authors' format
+    for folder in (tmp / "ae", tmp / "calm"):
+        _tokenizer(folder)
+    ae.eval()
+    calm.eval()
+    assert convert_main([str(tmp / "calm"), str(tmp / "run")]) == 0
+    assert convert_main([str(tmp / "ae"), str(tmp / "ae-run")]) == 0
+    tokens = torch.randint(V, (3, L), generator=torch.Generator().manual_seed(5))
+    return {
+        "ae": ae,
+        "calm": calm,
+        "tmp": tmp,
+        "tokens": tokens,
+        "run": load_run(tmp / "run"),
+        "ae_run": load_run(tmp / "ae-run"),
+    }
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@torch.no_grad()
+def test_autoencoder_parity(reference):
+    ref, tokens = reference["ae"], reference["tokens"]
+    for ours in (reference["run"].model.autoencoder, reference["ae_run"].model):
+        mean, log_std = ours.encode(tokens)
+        ref_mean, ref_log_std = ref.encoder(tokens).chunk(2, dim=-1)
+        assert _max_diff(mean, ref_mean) < 1e-5 and _max_diff(log_std, ref_log_std) < 1e-5
+        z = torch.randn(3, L // K, 16, generator=torch.Generator().manual_seed(6))
+        assert _max_diff(ours.decode(z), ref.decoder(z)) < 1e-5
+
+
+@torch.no_grad()
+def test_backbone_hidden_states_parity_with_and_without_cache(reference):
+    ref, model, tokens = reference["calm"], reference["run"].model, reference["tokens"]
+    b, c = tokens.shape[0], L // K
+    embeds = ref.embed_proj(ref.transformer.embed_tokens(tokens).reshape(b, c, -1))
+    expected = ref.transformer(inputs_embeds=embeds)[0]
+    assert _max_diff(model.hidden_states(tokens), expected) < 1e-5
+    cache = model.backbone.new_cache(b, c)
+    parts = [
+        model.hidden_states(tokens[:, :12], cache=cache),
+        model.hidden_states(tokens[:, 12:], cache=cache),
+    ]
+    assert _max_diff(torch.cat(parts, dim=1), expected) < 1e-5
+
+
+@torch.no_grad()
+def test_energy_head_samples_and_loss_parity(reference):
+    ref, model, tokens = reference["calm"], reference["run"].model, reference["tokens"]
+    hidden = model.hidden_states(tokens).reshape(-1, 32)  # (P, h)
+    n = 8
+    torch.manual_seed(7)
+    expected = ref.mlp_generator.sample(hidden.unsqueeze(0).repeat(n, 1, 1))  # (N, P, l)
+    ours = model.head.sample(hidden, n, generator=torch.Generator().manual_seed(7))
+    assert _max_diff(ours, expected) < 1e-5
+    mean, log_std = model.autoencoder.encode(tokens)
+    mean, log_std = mean.reshape(-1, 16), log_std.reshape(-1, 16)
+    torch.manual_seed(8)
+    score = ref.energy_score(expected, mean, log_std)  # draws eps ~ N(0, I), (100, P, l)
+    torch.manual_seed(8)
+    targets = mean + torch.randn((100, *mean.shape)) * log_std.exp()
+    loss = energy_loss(ours, targets, reduction="none")
+    torch.testing.assert_close(loss.double(), -score.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_converted_runs_work_with_the_commands(reference, capsys):
+    run = str(reference["tmp"] / "run")
+    data = reference["tmp"] / "text.txt"
+    g = torch.Generator().manual_seed(9)
+    data.write_text(" ".join(f"w{int(i)}" for i in torch.randint(V - 1, (400,), generator=g)))
+    assert evaluate.main([run, "--data", str(data), "--block-len", "64", "--device", "cpu"]) == 0
+    assert "| BrierLM |" in capsys.readouterr().out
+    assert (
+        generate.main(
+            [
+                run,
+                "--prompt",
+                "w1 w2 w3",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.5",
+                "--sampler",
+                "batch",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("w1 w2 w3")
+    for path in (run, str(reference["tmp"] / "ae-run")):
+        assert robustness.main([path, "--data", str(data), "--device", "cpu"]) == 0
+        assert "| 0.3 |" in capsys.readouterr().out
+    config = json.loads(
+        (reference["tmp"] / "run" / "checkpoints" / "step_000000" / "meta.json").read_text()
+    )
+    assert config["step"] == 0
+
+
+def test_what_cannot_be_mapped_is_refused(reference, tmp_path):
+    src = reference["tmp"] / "calm"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(
+        json.dumps({**cfg, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    )
+    (bad / "pytorch_model.bin").symlink_to(src / "pytorch_model.bin")
+    (bad / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    with pytest.raises(ConversionError, match="rope_scaling"):
+        convert(bad, tmp_path / "out")
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    state["transformer.layers.0.extra.weight"] = torch.zeros(2)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "pytorch_model.bin").unlink()
+    torch.save(state, bad / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="unknown"):
+        convert(bad, tmp_path / "out")
+    del state["transformer.layers.0.extra.weight"]
+    state = {k: v for k, v in state.items() if not k.startswith("ae_model.")}
+    torch.save(state, bad / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="--autoencoder"):
+        convert(bad, tmp_path / "out")
+    convert(bad, tmp_path / "out", autoencoder=reference["tmp"] / "ae")  # given explicitly
+    with pytest.raises(ConversionError, match="not empty"):
+        convert(bad, tmp_path / "out", autoencoder=reference["tmp"] / "ae")
