@@ -16,6 +16,9 @@ reached from samples alone. This module offers:
 
   (Wald's identity: an attempt costs ``n`` draws plus, after the ``n`` draws agreed on ``x``, the
   factory's ``P(x)^(alpha - 1)`` expected draws; attempts repeat ``1 / Z_T`` times on average).
+  For a spread-out ``P`` this grows exponentially in ``1/T``. A sampler call asks for at most
+  ``max_draws_per_call`` draws per row (attempts longer than that span several calls) and there
+  are at most ``max_rounds`` calls; rows left over raise, or fall back with a warning.
 * :func:`bernoulli_factory_power`: the generic factory turning a coin of unknown success
   probability ``p`` into a coin of success probability ``p^alpha``, ``alpha`` in ``(0, 1]``.
 * :func:`batched_temperature_sample`: a fixed-cost approximation that re-weights ``N`` given
@@ -27,7 +30,7 @@ comparable values.
 """
 
 # Axis key (tensor shapes in comments):
-#   k      draws (or coin flips) requested from the sampler in one round
+#   k      draws (or coin flips) requested from the sampler in one round (one call)
 #   b      batch rows
 #   r      rows still active (not yet accepted) in the exact sampler
 #   N      candidate draws per row (batched approximation)
@@ -39,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from numbers import Real
 from typing import NamedTuple
@@ -49,6 +53,7 @@ from torch import Tensor
 
 __all__ = [
     "BernoulliFactoryResult",
+    "TemperatureFallbackWarning",
     "TemperatureSample",
     "TemperatureSamplingExhausted",
     "batched_temperature_sample",
@@ -65,6 +70,9 @@ _ON_EXHAUSTED = ("raise", "fallback")
 # With pass_rows=True and the default draws_per_round, a round asks the last rows for up to this
 # many times the base number of draws (tail rows of the factory can need thousands of draws).
 _MAX_GROWTH = 16
+# Default cap on the draws per row in one sampler call: bounds the memory of a call at low T
+# (an attempt of n > cap identical draws then spans several calls).
+_MAX_DRAWS_PER_CALL = 1024
 # The batched sampler reads group weights from an (N+1)^2 table up to this N (8 MiB).
 _MAX_LOOKUP_N = 1023
 
@@ -77,12 +85,18 @@ class TemperatureSample(NamedTuple):
         draws: ``(batch,)`` long, draws consumed by each row's procedure (draws requested in the
             same round but not needed after the row accepted are not counted).
         exhausted: ``(batch,)`` bool, rows that had not accepted after ``max_rounds`` rounds (only
-            ever ``True`` with ``on_exhausted="fallback"``; their sample is the fallback value).
+            ever ``True`` with ``on_exhausted="fallback"``; their sample is the fallback value,
+            *not* a tempered draw). :attr:`num_exhausted` counts them.
     """
 
     samples: Tensor
     draws: Tensor
     exhausted: Tensor
+
+    @property
+    def num_exhausted(self) -> int:
+        """Number of rows that fell back to an untempered value (``exhausted.sum()``)."""
+        return int(self.exhausted.sum())
 
 
 class BernoulliFactoryResult(NamedTuple):
@@ -98,6 +112,16 @@ class BernoulliFactoryResult(NamedTuple):
     outcome: Tensor
     flips: Tensor
     exhausted: Tensor
+
+
+class TemperatureFallbackWarning(UserWarning):
+    """Warned by :func:`temperature_sample` when ``on_exhausted="fallback"`` returned rows that
+    did not accept within ``max_rounds``: their values are *not* tempered samples.
+
+    The message gives the number of such rows; the result marks them in ``exhausted`` and counts
+    them in ``num_exhausted``. Silence it with
+    ``warnings.simplefilter("ignore", TemperatureFallbackWarning)`` when the fallback is expected.
+    """
 
 
 class TemperatureSamplingExhausted(RuntimeError):
@@ -164,6 +188,13 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
 
 
 def _uniform(
@@ -233,8 +264,8 @@ def bernoulli_factory_power(
         long and ``exhausted`` ``(batch,)`` bool, on the coin's device.
 
     Raises:
-        TypeError: ``alpha``, ``flips_per_call`` or ``max_steps`` of the wrong type, or a coin
-            that does not return a bool tensor.
+        TypeError: ``alpha``, ``flips_per_call``, ``max_steps`` or ``generator`` of the wrong
+            type, or a coin that does not return a bool tensor.
         ValueError: ``alpha`` outside ``(0, 1]``, non-positive counts, or a coin returning the
             wrong shape.
 
@@ -257,6 +288,7 @@ def bernoulli_factory_power(
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     k = _check_int(flips_per_call, "flips_per_call", 1)
     max_steps = _check_int(max_steps, "max_steps", 1)
+    _check_generator(generator)
 
     outcome = flips = done = None
     batch = -1
@@ -308,31 +340,49 @@ def temperature_sample(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     draws_per_round: int | None = None,
+    max_draws_per_call: int = _MAX_DRAWS_PER_CALL,
     generator: torch.Generator | None = None,
 ) -> TemperatureSample:
     """Sample exactly from ``P(x)^(1/T) / Z_T`` for every row, given only a sampler of ``P``.
 
-    With ``1/T = n + alpha`` (``n = floor(1/T)``, ``alpha`` snapped to 0 near integers), every row
+    *Cost first.* With ``1/T = n + alpha`` and ``Z_T = sum_x P(x)^(1/T)``, a row needs on average
+
+    ``E[draws] = (n + 1{alpha > 0} sum_x P(x)^(1/T - 1)) / Z_T``
+
+    draws (at most that when attempts span several calls, see below), which grows like
+    ``V^(1/T - 1)`` for a spread-out ``P`` over ``V`` values: the sampler must repeat itself
+    ``n`` times in a row. Every sampler call asks for at most ``max_draws_per_call`` draws per
+    active row, and there are at most ``max_rounds`` calls, so a call's memory and the total work
+    are bounded. For very low temperatures, where rows rarely accept within that budget, the
+    fixed-cost approximation :func:`batched_temperature_sample` is the practical choice.
+
+    *Procedure.* With ``n = floor(1/T)`` and ``alpha`` (snapped to 0 near integers), every row
     repeats *attempts* until one accepts: draw ``n`` values; if they are not all identical the
     attempt fails; otherwise, if ``alpha > 0``, run the ``p^alpha`` Bernoulli factory
     (:func:`bernoulli_factory_power`) whose coin is "a fresh draw equals the candidate": for
     ``i = 1, 2, ...`` a draw equal to the candidate accepts it, otherwise the attempt fails with
     probability ``alpha / i`` or the factory continues. An attempt accepts ``x`` with probability
-    ``P(x)^n * P(x)^alpha``, so accepted values are distributed as ``P^(1/T) / Z_T`` exactly. The
-    mean of ``draws`` is ``(n + 1{alpha > 0} sum_x P(x)^(1/T - 1)) / Z_T`` (every attempt is
-    charged its ``n`` draws even when the first two already differ, as in the CALM paper).
+    ``P(x)^n * P(x)^alpha``, so accepted values are distributed as ``P^(1/T) / Z_T`` exactly.
+    Events are compared with ``==`` (whole events: all elements equal), so an event containing
+    NaN never equals another draw (it can only be accepted at ``T = 1``, whose single draw is
+    compared with nothing).
 
     All rows run in parallel with whole-batch tensor operations, and every *round* is one
-    sampler call for ``k`` draws of each active row. A row in the identical-draws phase splits
-    its ``k`` draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; the
-    factory then consumes the draws after it (or, for a row already in the factory, all ``k``)
-    up to its first decision, all found with tensor operations (no loop over rows or draws).
-    Draws left over in a round (after an acceptance, a factory rejection, or a partial attempt)
-    are discarded: they are independent of everything decided, so this does not bias anything,
-    and ``draws`` only counts the draws each row's procedure used. Rows that have accepted stop
-    asking: with ``pass_rows=True`` the sampler is only called for the active rows; with
-    ``pass_rows=False`` it is called for the whole batch and finished rows' draws are ignored.
-    ``T = 1`` takes one draw per row.
+    sampler call for ``k`` draws of each active row (``k = min(draws_per_round,
+    max_draws_per_call)``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
+    draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; each attempt is
+    charged its ``n`` draws even when the first two already differ, as in the CALM paper. When
+    ``n > k`` (low ``T``), an attempt spans several calls: it continues into the next call while
+    every draw so far equals its first draw and fails at the first call that shows a mismatch,
+    whose draws are its last (later draws are never asked for, so the mean of ``draws`` is then
+    below the formula above). The factory then consumes the draws after the attempt (or, for a
+    row already in the factory, all ``k``) up to its first decision, all found with tensor
+    operations (no loop over rows or draws). Draws left over in a round (after an acceptance, a
+    factory rejection, a failed or a partial attempt) are discarded: they are independent of
+    everything decided, so this does not bias anything, and ``draws`` only counts the draws each
+    row's procedure used. Rows that have accepted stop asking: with ``pass_rows=True`` the
+    sampler is only called for the active rows; with ``pass_rows=False`` it is called for the
+    whole batch and finished rows' draws are ignored. ``T = 1`` takes one draw per row.
 
     Args:
         sampler: with ``pass_rows=False``, ``sampler(k) -> (k, batch, *event)``: ``k`` independent
@@ -347,16 +397,22 @@ def temperature_sample(
         on_exhausted: what to do with rows that have not accepted after ``max_rounds``:
             ``"raise"`` raises :class:`TemperatureSamplingExhausted` listing them;
             ``"fallback"`` returns, for those rows, the value of their latest attempt (its first
-            draw, which is *not* a tempered sample) and marks them in ``exhausted``.
+            draw, which is *not* a tempered sample), marks them in ``exhausted`` and warns with a
+            :class:`TemperatureFallbackWarning` giving their number.
         pass_rows: call the sampler with the active row indices (see ``sampler``).
         batch_size: number of rows; required when ``pass_rows=True`` (the first call gets
             ``rows = arange(batch_size)``), otherwise optional and checked against the sampler.
         device: device of the ``rows`` tensors given to the sampler. Default: the generator's
             device (else the CPU) for the first call, then the device of the draws.
-        draws_per_round: draws ``k`` per active row and round, ``>= n``. Default: ``n`` when
-            ``alpha = 0``, ``n + 1`` otherwise; with ``pass_rows=True`` the default then grows as
-            rows finish (``k = base * batch / (4 * rows left)``, at most 16 times the base), so
-            that the last rows, which can need many draws, take fewer sampler calls.
+        draws_per_round: draws ``k`` per active row and round, from ``n`` to
+            ``max_draws_per_call``. Default: ``n`` when ``alpha = 0``, ``n + 1`` otherwise, capped
+            at ``max_draws_per_call``; with ``pass_rows=True`` the default then grows as rows
+            finish (``k = base * batch / (4 * rows left)``, at most 16 times the base and
+            ``max_draws_per_call``), so that the last rows, which can need many draws, take fewer
+            sampler calls.
+        max_draws_per_call: most draws asked per active row in one sampler call, ``>= 1``
+            (default 1024): a call holds at most ``max_draws_per_call * batch`` draws. When
+            ``n = floor(1/T)`` exceeds it, attempts span several calls.
         generator: random generator for the factory's ``alpha / i`` decisions.
 
     Returns:
@@ -366,11 +422,16 @@ def temperature_sample(
     Raises:
         ValueError: temperature outside ``(0, 1]`` or nan (``T > 1`` cannot be reached by
             rejection from the model's own samples; ``T <= 0`` is greedy decoding), bad
-            ``max_rounds``/``draws_per_round``/``batch_size``, unknown ``on_exhausted``, missing
-            ``batch_size`` with ``pass_rows=True``, or a sampler output of the wrong shape.
-        TypeError: arguments of the wrong type or a sampler that does not return a tensor.
+            ``max_rounds``/``draws_per_round``/``max_draws_per_call``/``batch_size``, unknown
+            ``on_exhausted``, missing ``batch_size`` with ``pass_rows=True``, or a sampler output
+            of the wrong shape.
+        TypeError: arguments of the wrong type (``generator`` not a ``torch.Generator``) or a
+            sampler that does not return a tensor.
         TemperatureSamplingExhausted: rows still active after ``max_rounds`` with
             ``on_exhausted="raise"``; the message lists their indices.
+
+    Warns:
+        TemperatureFallbackWarning: rows fell back with ``on_exhausted="fallback"``.
 
     Example:
         >>> import torch
@@ -380,11 +441,14 @@ def temperature_sample(
         >>> def sampler(k):  # k draws for each of 4000 rows: (k, 4000)
         ...     return torch.multinomial(probs.expand(4000, 3), k, True, generator=g).T
         >>> out = temperature_sample(sampler, 0.5, generator=g)
-        >>> out.samples.shape, out.draws.dtype, bool(out.exhausted.any())
-        (torch.Size([4000]), torch.int64, False)
+        >>> out.samples.shape, out.draws.dtype, out.num_exhausted
+        (torch.Size([4000]), torch.int64, 0)
         >>> target = probs**2 / (probs**2).sum()  # about [0.78, 0.20, 0.02]
         >>> freq = torch.bincount(out.samples, minlength=3) / 4000
         >>> bool((freq - target).abs().max() < 0.03)
+        True
+        >>> expected = 2 / (probs**2).sum()  # E[draws] = n / Z_T at T = 1/2
+        >>> bool(abs(out.draws.double().mean() - expected) < 0.1)
         True
     """
     n, alpha = _split_inverse_temperature(temperature)
@@ -400,15 +464,23 @@ def temperature_sample(
             "batch_size is required when pass_rows=True (the first call gets "
             "rows = arange(batch_size))"
         )
+    cap = _check_int(max_draws_per_call, "max_draws_per_call", 1)
     if draws_per_round is None:
-        base_k = n + (1 if alpha > 0 else 0)
+        base_k = min(n + (1 if alpha > 0 else 0), cap)
     else:
         base_k = _check_int(draws_per_round, "draws_per_round", 1)
         if base_k < n:
             raise ValueError(
                 f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}"
             )
+        if base_k > cap:
+            raise ValueError(
+                f"draws_per_round={base_k} exceeds max_draws_per_call={cap}; raise "
+                "max_draws_per_call or leave draws_per_round at its default"
+            )
+    _check_generator(generator)
     adaptive = draws_per_round is None and pass_rows
+    span = n > base_k  # attempts of n identical draws span several calls of k < n draws
     rows_device = torch.device(device) if device is not None else None
     what = "sampler(k, rows)" if pass_rows else "sampler(k)"
 
@@ -425,9 +497,8 @@ def temperature_sample(
             else:
                 call_rows = rows if rows_device is None else rows.to(rows_device)
                 if adaptive:  # fewer rows left: more draws each, ~batch * base_k / 4 in all
-                    k = min(
-                        _MAX_GROWTH * base_k, max(base_k, base_k * batch_size // (4 * len(rows)))
-                    )
+                    grown = max(base_k, base_k * batch_size // (4 * len(rows)))
+                    k = min(_MAX_GROWTH * base_k, grown, cap)
             x = sampler(k, call_rows)
             expected_batch = call_rows.shape[0]
         else:
@@ -460,6 +531,8 @@ def temperature_sample(
             in_factory = torch.zeros(batch, dtype=torch.bool, device=dev)
             step = torch.ones(batch, dtype=torch.long, device=dev)  # next factory step i
             used = torch.zeros(batch, dtype=torch.long, device=dev)  # draws consumed
+            progress = torch.zeros(batch, dtype=torch.long, device=dev)  # draws of a spanning
+            # attempt so far, all equal to `cand` (0: the next call starts a new attempt)
         elif x.shape[2:] != event_shape or x.dtype != dtype:
             raise ValueError(
                 f"{what} changed its event shape or dtype between calls: first "
@@ -471,25 +544,39 @@ def temperature_sample(
         if not pass_rows:
             x = x.index_select(1, rows.to(x.device))
         x = x.to(dev).reshape(k, r, e)  # (k, r, E)
+        pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
 
-        # ---- identical-draws phase: k // n attempts per row, take the first that passes
-        attempts = k // n
-        blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
-        firsts = blocks[:, 0]  # (a, r, E)
-        same = (blocks == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
-        passed, block = _first_true(same & ~in_factory)  # (r,) each
-        block = torch.where(passed, block, torch.full_like(block, attempts - 1))
-        picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+        if not span:
+            # ---- identical-draws phase: k // n attempts per row, take the first that passes
+            attempts = k // n
+            blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
+            firsts = blocks[:, 0]  # (a, r, E)
+            # the first draw is not compared with itself: with n = 1 every attempt passes, NaN too
+            same = (blocks[:, 1:] == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
+            passed, block = _first_true(same & ~in_factory)  # (r,) each
+            block = torch.where(passed, block, torch.full_like(block, attempts - 1))
+            picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+            attempt_end = (block + 1) * n  # (r,) position after the passing (or last) attempt
+            used = used + torch.where(in_factory, 0, torch.where(passed, attempt_end, attempts * n))
+        else:
+            # ---- identical-draws phase, n > k: this call holds the next `length` draws of each
+            # row's attempt; it goes on while they all equal its first draw
+            fresh = progress == 0  # (r,) the attempt starts with this call
+            picked = torch.where(fresh[:, None], x[0], cand)  # (r, E) the attempt's first draw
+            attempt_end = torch.clamp(n - progress, max=k)  # (r,) its draws in this call
+            equal = (x == picked).all(dim=-1) | ((pos == 0) & fresh)  # (k, r), first: itself
+            whole = (equal | (pos >= attempt_end)).all(dim=0) & ~in_factory  # (r,)
+            passed = whole & (progress + attempt_end == n)  # (r,) all n draws identical
+            progress = torch.where(whole & ~passed, progress + attempt_end, 0)
+            used = used + torch.where(in_factory, 0, attempt_end)
         cand = torch.where(in_factory[:, None], cand, picked)
-        used = used + torch.where(in_factory, 0, torch.where(passed, block + 1, attempts) * n)
         if alpha == 0:
             accepted = passed
         else:
             # ---- p^alpha factory: coin "draw == candidate", from position `begin` on
-            begin = torch.where(in_factory, 0, (block + 1) * n)  # (r,)
+            begin = torch.where(in_factory, 0, attempt_end)  # (r,)
             first_step = torch.where(in_factory, step, 1)
             factory = in_factory | passed
-            pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
             steps = first_step + (pos - begin)  # (k, r) factory step of each draw
             heads = (x == cand).all(dim=-1)  # (k, r)
             accept, reject = _factory_step(heads, _uniform((k, r), dev, generator), steps, alpha)
@@ -505,28 +592,49 @@ def temperature_sample(
         out_samples[rows[done]] = cand[done]
         out_draws[rows[done]] = used[done]
         keep = (~accepted).nonzero().squeeze(1)
-        rows, cand, in_factory, step, used = (t[keep] for t in (rows, cand, in_factory, step, used))
+        rows, cand, in_factory, step, used, progress = (
+            t[keep] for t in (rows, cand, in_factory, step, used, progress)
+        )
         if rows.shape[0] == 0:
             break
 
-    if rows.shape[0] > 0:
+    left = rows.shape[0]  # known on the host: no sync
+    if left > 0:
         out_samples[rows] = cand
         out_draws[rows] = used
         exhausted[rows] = True
     result = TemperatureSample(
         samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted
     )
-    if rows.shape[0] > 0 and on_exhausted == "raise":
+    if left == 0:
+        return result
+    budget = (
+        f"within max_rounds={max_rounds} sampler calls (T={float(temperature):g}: attempts of "
+        f"{n} identical draws, {k} draws per row and call)"
+    )
+    advice = (
+        "The sampler rarely repeats itself at this temperature (each row needs (n + "
+        "1{alpha > 0} sum_x P(x)^(1/T - 1)) / sum_x P(x)^(1/T) draws on average); raise "
+        "max_rounds, or use batched_temperature_sample, whose cost is fixed, for very low "
+        "temperatures"
+    )
+    if on_exhausted == "raise":
         bad = rows.tolist()  # error path only
         shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
         raise TemperatureSamplingExhausted(
-            f"{len(bad)} row(s) did not accept a sample within max_rounds={max_rounds} "
-            f"(T={float(temperature):g}, {base_k} draws per round): rows [{shown}]. The sampler "
-            "may rarely repeat itself at this temperature; raise max_rounds or draws_per_round, "
-            "or pass on_exhausted='fallback' to return untempered draws for those rows",
+            f"{left} row(s) did not accept a sample {budget}: rows [{shown}]. {advice}, or pass "
+            "on_exhausted='fallback' to return untempered draws for those rows",
             rows=bad,
             result=result,
         )
+    warnings.warn(
+        TemperatureFallbackWarning(
+            f"{left} of {batch} row(s) did not accept a sample {budget} and fell back to the "
+            f"first draw of their latest attempt, which is not a tempered sample (marked in "
+            f"`exhausted`, counted in `num_exhausted`). {advice}"
+        ),
+        stacklevel=2,
+    )
     return result
 
 

@@ -21,6 +21,7 @@ from scipy.stats import chi2_contingency, chisquare
 import likelihood_free.temperature as temperature_module
 from likelihood_free.temperature import (
     BernoulliFactoryResult,
+    TemperatureFallbackWarning,
     TemperatureSample,
     TemperatureSamplingExhausted,
     _split_inverse_temperature,
@@ -303,6 +304,112 @@ def test_sampler_on_empty_batch():
     assert out.samples.shape == (0, 2) and out.draws.shape == (0,)
 
 
+# ----------------------------------------------------------------------------- low T: attempts span calls
+
+
+def expected_draws_spanning(p: torch.Tensor, temperature: float, per_call: int) -> float:
+    """Mean draws when attempts of n > per_call draws come in pieces of per_call draws.
+
+    An attempt asks for its piece starting at draw s only if its first s draws are identical
+    (probability sum_x P(x)^s, 1 for s = 0); Wald's identity divides the mean cost of an attempt
+    (plus the factory's sum_x P(x)^(1/T - 1) when alpha > 0) by the acceptance probability Z_T.
+    """
+    n, alpha = _split_inverse_temperature(temperature)
+    starts = range(0, n, per_call)
+    cost = sum(min(per_call, n - s) * (float((p**s).sum()) if s else 1.0) for s in starts)
+    if alpha > 0:
+        cost += float((p ** (n + alpha - 1)).sum())
+    return cost / float((p ** (n + alpha)).sum())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "per_call", "pass_rows"),
+    [(0.2, 2, False), (0.2, 3, True), (0.22, 3, False), (1 / 3, 2, True)],
+)
+def test_attempts_spanning_calls_are_exact(temperature, per_call, pass_rows):
+    """n = floor(1/T) > max_draws_per_call: the tempered law and the mean cost are exact."""
+    batch = 20_000
+    p = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    sampler = CategoricalSampler(p, batch, seed=41, tokens=TOKENS[:3])
+    out = temperature_sample(
+        sampler,
+        temperature,
+        max_draws_per_call=per_call,
+        pass_rows=pass_rows,
+        batch_size=batch,
+        generator=torch.Generator().manual_seed(42),
+    )
+    assert out.num_exhausted == 0 and all(k == per_call for k, _ in sampler.calls)
+    ids = decode(out.samples, TOKENS[:3])
+    assert chi2_pvalue(ids, tempered(p, temperature)) > 1e-4
+    assert chi2_pvalue(ids, tempered(p, 0.5)) < 1e-8  # power: a different temperature fails
+    expected = expected_draws_spanning(p, temperature, per_call)
+    assert expected < expected_draws(p, temperature)  # failing attempts stop early
+    assert_mean_within(out.draws, expected)
+
+
+def test_attempt_spans_calls_given_the_draws():
+    """T = 1/5 with 2 draws per call: pieces of 2, 2, 1 draws; a mismatch ends the attempt."""
+    streams = torch.tensor(
+        [
+            [7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # 5 identical draws over 3 calls
+            [1, 1, 1, 2, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0],  # fails in call 2, then 3 over calls 3-5
+            [4, 5, 6, 6, 6, 6, 6, 6, 6, 6, 0, 0, 0, 0],  # fails in call 1, then 6 over calls 2-4
+        ]
+    )
+    for pass_rows in (False, True):
+        sampler = StreamSampler(streams)
+        out = temperature_sample(
+            sampler, 0.2, max_draws_per_call=2, pass_rows=pass_rows, batch_size=3
+        )
+        assert out.samples.tolist() == [7, 3, 6]
+        # row 1: 4 draws of the failed attempt (2 + 2) and 5 of the accepted one; the second draw
+        # of call 5 is left over. Row 2: 2 + 5, the last call's second draw left over.
+        assert out.draws.tolist() == [5, 9, 7]
+        assert sampler.next.tolist() == ([10, 10, 10] if not pass_rows else [6, 10, 8])
+
+
+def test_low_temperature_memory_is_bounded():
+    """T = 1e-6 asks for n = 10^6 identical draws, never more than max_draws_per_call at once."""
+    batch, asked = 3, []
+
+    def constant(k):  # a point mass: every attempt passes, after ceil(10^6 / 1024) calls
+        asked.append(k)
+        return torch.full((k, batch, 2), 5)
+
+    out = temperature_sample(constant, 1e-6)
+    assert max(asked) == 1024 and len(asked) == math.ceil(1e6 / 1024)
+    assert out.draws.tolist() == [10**6] * batch and bool((out.samples == 5).all())
+    asked.clear()
+    sampler, _ = counter_sampler(batch)
+
+    def recording(k):
+        asked.append(k)
+        return sampler(k)
+
+    with pytest.warns(TemperatureFallbackWarning, match="3 of 3 row"):
+        out = temperature_sample(
+            recording, 1e-6, max_rounds=4, max_draws_per_call=64, on_exhausted="fallback"
+        )
+    assert asked == [64] * 4 and out.draws.tolist() == [4 * 64] * batch
+
+
+def test_nan_events_never_equal_another_draw():
+    gen = torch.Generator().manual_seed(0)
+
+    def nan_or_one(k):  # row 0 always NaN, row 1 a 50/50 mix of 1.0 and NaN
+        x = torch.where(torch.rand(k, 2, generator=gen) < 0.5, 1.0, math.nan)
+        x[:, 0] = math.nan
+        return x
+
+    out = temperature_sample(nan_or_one, 1.0)  # T = 1: the first draw, compared with nothing
+    assert bool(out.samples[0].isnan()) and out.draws.tolist() == [1, 1]
+    for temperature in (0.5, 0.7):  # n = 2; n = 1 and the factory's coin "draw == NaN"
+        with pytest.warns(TemperatureFallbackWarning, match="1 of 2 row"):
+            out = temperature_sample(nan_or_one, temperature, max_rounds=200, on_exhausted="fallback")
+        assert out.exhausted.tolist() == [True, False] and out.samples[1].item() == 1.0
+
+
 # ----------------------------------------------------------------------------- exhaustion
 
 
@@ -331,10 +438,24 @@ def test_never_repeating_sampler_raises_listing_rows(temperature):
 def test_fallback_returns_last_candidate_and_marks_rows():
     batch, k, rounds = 6, 2, 3
     sampler, state = counter_sampler(batch)
-    out = temperature_sample(sampler, 0.5, max_rounds=rounds, on_exhausted="fallback")
-    assert bool(out.exhausted.all())
+    with pytest.warns(TemperatureFallbackWarning, match="6 of 6 row"):
+        out = temperature_sample(sampler, 0.5, max_rounds=rounds, on_exhausted="fallback")
+    assert bool(out.exhausted.all()) and out.num_exhausted == batch
     assert torch.equal(out.draws, torch.full((batch,), rounds * k))
     assert torch.equal(out.samples, state["last"][0])  # first draw of the last attempt
+
+
+def test_fallback_with_several_attempts_per_round_returns_the_latest_attempt():
+    # n = 2 and 5 draws per round: attempts at draws 0-1 and 2-3 of each call, draw 4 unused.
+    batch, rounds = 4, 3
+    sampler, state = counter_sampler(batch)
+    with pytest.warns(TemperatureFallbackWarning, match="4 of 4 row"):
+        out = temperature_sample(
+            sampler, 0.5, max_rounds=rounds, draws_per_round=5, on_exhausted="fallback"
+        )
+    assert out.num_exhausted == batch
+    assert torch.equal(out.samples, state["last"][2])  # first draw of the second attempt
+    assert torch.equal(out.draws, torch.full((batch,), rounds * 4))
 
 
 def test_only_stuck_rows_are_exhausted():
@@ -348,8 +469,14 @@ def test_only_stuck_rows_are_exhausted():
     with pytest.raises(TemperatureSamplingExhausted, match=r"rows \[1, 3, 5, 7\]") as info:
         temperature_sample(mixed, 0.37, max_rounds=5)
     assert info.value.rows == [1, 3, 5, 7]
-    out = temperature_sample(mixed, 0.37, max_rounds=5, on_exhausted="fallback")
-    assert torch.equal(out.exhausted, odd)
+    assert "batched_temperature_sample" in str(info.value)
+    with pytest.warns(TemperatureFallbackWarning) as record:
+        out = temperature_sample(mixed, 0.37, max_rounds=5, on_exhausted="fallback")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert message.startswith("4 of 8 row(s) did not accept") and "batched_temperature_sample" in message
+    assert record[0].filename == __file__  # points at the caller
+    assert torch.equal(out.exhausted, odd) and out.num_exhausted == 4
     assert bool((out.samples[~odd] == 7).all())
     assert bool((out.draws[~odd] == 3).all())  # n = 2 identical draws + 1 factory draw
 
@@ -396,6 +523,22 @@ def test_bad_arguments_raise():
         temperature_sample(sampler, 0.5, pass_rows=True)
     with pytest.raises(ValueError, match="batch_size=5"):
         temperature_sample(sampler, 0.5, batch_size=5)
+    with pytest.raises(ValueError, match="max_draws_per_call"):
+        temperature_sample(sampler, 0.5, max_draws_per_call=0)
+    with pytest.raises(TypeError, match="max_draws_per_call"):
+        temperature_sample(sampler, 0.5, max_draws_per_call=None)
+    with pytest.raises(ValueError, match="draws_per_round=9 exceeds max_draws_per_call=8"):
+        temperature_sample(sampler, 0.5, draws_per_round=9, max_draws_per_call=8)
+
+
+@pytest.mark.parametrize("generator", [0, "seed", torch.tensor(0), [torch.Generator()]])
+def test_generator_must_be_a_torch_generator(generator):
+    sampler = CategoricalSampler(P5, 4, seed=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        temperature_sample(sampler, 0.5, generator=generator)
+    coin = coin_for(torch.full((3,), 0.5), torch.Generator())
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        bernoulli_factory_power(coin, 0.5, generator=generator)
 
 
 def test_bad_sampler_outputs_raise():
