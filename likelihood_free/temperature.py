@@ -24,14 +24,16 @@ reached from samples alone. This module offers:
 * :func:`batched_temperature_sample`: a fixed-cost approximation that re-weights ``N`` given
   draws per row (the CALM paper's batch scheme, generalised to any ``T``), fully vectorised.
 
-Events are compared as a whole: a CALM chunk of ``K`` token ids is one event, and two events are
-equal when all their elements are equal, so draws must be integers or otherwise exactly
-comparable values.
+Samples come first everywhere, as in :mod:`likelihood_free.energy`: a sampler returns
+``(k, batch, *event)`` and the batched approximation takes ``(N, *batch, *event)``. Events are
+compared as a whole: a CALM chunk of ``K`` token ids is one event, and two events are equal when
+all their elements are equal (``==``), so draws must be integers or otherwise exactly comparable
+values; an event containing NaN equals no other draw.
 """
 
 # Axis key (tensor shapes in comments):
 #   k      draws (or coin flips) requested from the sampler in one round (one call)
-#   b      batch rows
+#   b      batch rows (all batch axes flattened into one)
 #   r      rows still active (not yet accepted) in the exact sampler
 #   N      candidate draws per row (batched approximation)
 #   E      number of elements of one event (prod of *event; 1 for scalar events)
@@ -654,10 +656,13 @@ _HASH_BASE = _splitmix64(2024) | 1  # odd; as a signed int64
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64's multipliers as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _LANE_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+# Key of every event containing NaN: the largest int64, a NaN bit pattern in every float format
+# (exponent and mantissa all ones), so no packed float event without NaN has it.
+_NAN_KEY = (1 << 63) - 1
 
 
 def _event_keys(flat: Tensor) -> Tensor:
-    """``(m, E)`` events -> ``(m,)`` int64 keys: equal events get equal keys.
+    """``(..., E)`` events -> ``(...)`` int64 keys: equal events get equal keys.
 
     With ``w = 64 // E`` bits per element, an event whose elements are all integers in
     ``[0, 2**w)`` (e.g. token ids below 65536 for ``E = 4``, below 2**32 for ``E = 2``; always the
@@ -665,11 +670,13 @@ def _event_keys(flat: Tensor) -> Tensor:
     injective key). Other events get a polynomial hash ``sum_e mix(x_e) B^(E-1-e) mod 2**64``
     (``mix`` a bijective 64-bit mixer, ``B`` a fixed random odd base): two different events then
     share a key with probability about ``E * 2**-64``. Floats are keyed by their bit pattern
-    after mapping ``-0.0`` to ``0.0``; bools as 0/1. On CPU, when every element of int64 events
-    fits (one check for the whole tensor), the low ``w`` bits of each element are copied side
-    by side in one pass instead.
+    after mapping ``-0.0`` to ``0.0``, packed when the dtype has at most ``w`` bits and hashed
+    otherwise (so that only events containing NaN can pack to ``_NAN_KEY``); bools as 0/1. On
+    CPU, when every element of int64 events fits (one check for the whole tensor), the low ``w``
+    bits of each element are copied side by side in one pass instead. Any layout of the leading
+    axes is accepted (a transposed view costs no extra copy on that path).
     """
-    e = flat.shape[1]
+    e = flat.shape[-1]
     if flat.dtype == torch.bool:
         bits, x = 1, flat.to(torch.int64)
     elif flat.dtype.is_floating_point:
@@ -681,13 +688,13 @@ def _event_keys(flat: Tensor) -> Tensor:
     else:
         bits, x = torch.iinfo(flat.dtype).bits, flat.to(torch.int64)
     if e == 1:
-        return x[:, 0]
+        return x[..., 0]
     width = 64 // e
     if bits <= width:  # known from the dtype: every event packs exactly
         mask = (1 << bits) - 1
-        key = x[:, 0] & mask
+        key = x[..., 0] & mask
         for i in range(1, e):
-            key = torch.add(x[:, i] & mask, key, alpha=1 << bits)  # key * 2**bits + x_i
+            key = torch.add(x[..., i] & mask, key, alpha=1 << bits)  # key * 2**bits + x_i
         return key
     if (
         x.device.type == "cpu"
@@ -699,19 +706,40 @@ def _event_keys(flat: Tensor) -> Tensor:
         low, high = torch.aminmax(x)  # reading CPU flags costs no device sync
         if bool(low >= 0) and bool(high < (1 << width)):
             # every element fits in its lowest `width` bits: keep those lanes, one copy
-            lanes = x.view(_LANE_DTYPES[width])[:, :: 64 // width]  # (m, E) strided
-            return lanes.contiguous().view(torch.int64).view(-1)
-    packed = any_bits = x[:, 0]
+            lanes = x.view(_LANE_DTYPES[width])[..., :: 64 // width]  # (..., E) strided
+            return lanes.contiguous().view(torch.int64).squeeze(-1)
+    if flat.dtype.is_floating_point:  # bit patterns of floats rarely fit: hash
+        return _hash_events(x)
+    packed = any_bits = x[..., 0]
     for i in range(1, e):
-        packed = torch.add(x[:, i], packed, alpha=1 << width)  # Horner in base 2**w (wraps)
-        any_bits = any_bits | x[:, i]
+        packed = torch.add(x[..., i], packed, alpha=1 << width)  # Horner in base 2**w (wraps)
+        any_bits = any_bits | x[..., i]
     fits = (any_bits >> width) == 0  # all elements in [0, 2**w) (negatives have high bits)
     if x.device.type == "cpu" and bool(fits.all()):  # reading a CPU flag costs no device sync
         return packed
-    hashed = _mix64(x[:, 0])
-    for i in range(1, e):
-        hashed = torch.add(_mix64(x[:, i]), hashed, alpha=_HASH_BASE)  # Horner in base B (wraps)
-    return torch.where(fits, packed, hashed)
+    return torch.where(fits, packed, _hash_events(x))
+
+
+def _hash_events(x: Tensor) -> Tensor:
+    """``(..., E)`` int64 elements -> ``(...)`` polynomial hashes ``sum_e mix(x_e) B^(E-1-e)``."""
+    hashed = _mix64(x[..., 0])
+    for i in range(1, x.shape[-1]):
+        hashed = torch.add(_mix64(x[..., i]), hashed, alpha=_HASH_BASE)  # Horner in base B (wraps)
+    return hashed
+
+
+def _nan_events(flat: Tensor) -> Tensor | None:
+    """``(..., E)`` events -> ``(...)`` bool, events containing NaN; ``None`` when there is none.
+
+    ``None`` is known for free for non-float dtypes and, on CPU, from one flag; on other devices
+    the mask is returned without looking at it (no synchronisation).
+    """
+    if not flat.is_floating_point():
+        return None
+    nan = flat.isnan().any(dim=-1)  # (...)
+    if flat.device.type == "cpu" and not bool(nan.any()):  # reading a CPU flag costs no sync
+        return None
+    return nan
 
 
 def _mix64(x: Tensor) -> Tensor:
@@ -724,14 +752,16 @@ def _mix64(x: Tensor) -> Tensor:
 
 
 def _sort_rows(keys: Tensor) -> Tensor:
-    """``(b, N)`` int64 keys -> the same keys sorted ascending within each row (values only).
+    """``(b, N)`` int64 keys, any layout -> ``(b, N)`` contiguous, each row sorted ascending.
 
-    On CPU this is NumPy's sort, which is SIMD-accelerated (x86-simd-sort) and several times
-    faster than ``torch.sort`` for many short rows; the tensor shares memory with the NumPy
-    result. Other devices use ``torch.sort`` along the row.
+    On CPU this is NumPy's in-place sort of one row-major copy (made by torch, which transposes
+    faster than NumPy), SIMD-accelerated (x86-simd-sort) and several times faster than
+    ``torch.sort`` for many short rows. Other devices use ``torch.sort`` along the row.
     """
     if keys.device.type == "cpu":
-        return torch.from_numpy(np.sort(keys.numpy(), axis=1))
+        rows = keys.clone(memory_format=torch.contiguous_format)  # one copy, transposing if need be
+        rows.numpy().sort(axis=1)  # in place, on the shared memory
+        return rows
     return torch.sort(keys, dim=1).values
 
 
@@ -803,13 +833,18 @@ def batched_temperature_sample(
     candidates: Tensor,
     temperature: float,
     *,
+    event_ndim: int = 0,
     generator: torch.Generator | None = None,
     return_index: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Approximate temperature sampling by re-weighting ``N`` given draws per row.
 
-    Equal candidates (whole events) are grouped with tensor operations and a value ``x`` seen
-    ``c_x`` times among a row's ``N`` draws is chosen with probability proportional to
+    ``candidates`` holds ``N`` draws for every batch element (a *row*), samples first as in
+    :func:`temperature_sample`'s sampler and :func:`~likelihood_free.energy.energy_score`:
+    ``(N, *batch, *event)``, where the last ``event_ndim`` axes form one event compared as a
+    whole (``event_ndim=1`` for CALM's chunks of ``K`` token ids). Equal candidates of a row are
+    grouped with tensor operations and a value ``x`` seen ``c_x`` times among the row's ``N``
+    draws is chosen with probability proportional to
 
     ``W_x = binom(c_x, n) * ((c_x - n) / (N - n))^alpha``,   ``1/T = n + alpha``,
 
@@ -834,6 +869,10 @@ def batched_temperature_sample(
     frequent values (the paper falls back to ``n-1, n-2, ...``; this is where that ends).
     ``T = 1`` returns a uniformly chosen draw, which is exact.
 
+    *Equality*: events are equal when all their elements are ``==``: floats compare by value
+    (``-0.0 == 0.0``) and an event containing NaN equals no other draw, even one with the same
+    NaN bit pattern (it is a group of its own, ``c = 1``), as in :func:`temperature_sample`.
+
     *Grouping*: each event becomes one int64 key. Events of small non-negative integers (up to
     ``64 // E`` bits each: token ids below 65536 with 4 tokens per event, below 2**32 with 2) or
     of narrow dtypes are packed exactly; other events are hashed to 64 bits, and two different
@@ -843,70 +882,89 @@ def batched_temperature_sample(
     ``c_x``, read from a running maximum over the run starts, and its weight comes from a
     table indexed by count. No Python loop over rows and no device synchronisation: the same code
     runs on CPU and GPU (on CPU, where reading a flag is free, key packing takes a cheaper path
-    when a check allows). Floats are compared by value, ``-0.0 == 0.0``.
+    when a check allows).
 
     Args:
-        candidates: ``(batch, N, *event)`` draws per row (``N >= 1``), integers or otherwise
-            exactly comparable values. Whole events are compared.
+        candidates: ``(N, *batch, *event)`` draws (``N >= 1``) for each of the ``prod(batch)``
+            rows, integers or otherwise exactly comparable values. Any number of batch axes
+            (none: one row).
         temperature: ``T`` in ``(0, 1]``.
+        event_ndim: number of trailing axes that form one event, ``>= 0`` (0: every scalar is
+            an event).
         generator: random generator for the final choice (one uniform per row).
         return_index: also return the chosen index into ``N``.
 
     Returns:
-        ``(batch, *event)`` the chosen event per row (same dtype and device as ``candidates``);
-        with ``return_index=True`` a tuple ``(events, index)`` where ``index`` is ``(batch,)``
-        long and ``candidates[i, index[i]]`` equals ``events[i]`` (the first copy of the chosen
-        value in the row).
+        ``(*batch, *event)`` the chosen event per row (same dtype and device as ``candidates``);
+        with ``return_index=True`` a tuple ``(events, index)`` where ``index`` is ``(*batch)``
+        long, the first draw of the row equal to the chosen value: with one batch axis,
+        ``candidates[index[i], i]`` is ``events[i]``.
 
     Raises:
         TypeError: ``candidates`` not a tensor or complex, ``temperature`` not a real number,
-            ``return_index`` not a bool.
-        ValueError: ``candidates`` with fewer than 2 dimensions or ``N = 0``, temperature
-            outside ``(0, 1]`` or nan.
+            ``event_ndim`` not an int, ``generator`` not a ``torch.Generator``, ``return_index``
+            not a bool.
+        ValueError: ``candidates`` with fewer than ``1 + event_ndim`` dimensions or ``N = 0``,
+            ``event_ndim < 0``, temperature outside ``(0, 1]`` or nan.
 
     Example:
         >>> import torch
         >>> from likelihood_free.temperature import batched_temperature_sample
-        >>> cands = torch.tensor([[[1, 2], [1, 2], [1, 2], [7, 7]],    # (1,2) three times
-        ...                       [[4, 4], [4, 4], [5, 5], [5, 5]]])   # two values twice each
-        >>> batched_temperature_sample(cands, 0.5)[0]  # binom(3,2)=3 vs binom(1,2)=0
+        >>> cands = torch.tensor([[[1, 2], [4, 4]],    # (N=4, batch=2, event=2): draw 0
+        ...                       [[1, 2], [4, 4]],
+        ...                       [[1, 2], [5, 5]],
+        ...                       [[7, 7], [5, 5]]])   # row 0: (1,2) three times; row 1: 2 + 2
+        >>> batched_temperature_sample(cands, 0.5, event_ndim=1)[0]  # binom(3,2)=3 vs 0
         tensor([1, 2])
         >>> g = torch.Generator().manual_seed(0)
-        >>> many = cands[1:].expand(10000, 4, 2)
-        >>> ev, idx = batched_temperature_sample(many, 0.5, generator=g, return_index=True)
+        >>> many = cands[:, 1:].expand(4, 10000, 2)  # (N, batch=10000, 2): row 1 repeated
+        >>> ev, idx = batched_temperature_sample(
+        ...     many, 0.5, event_ndim=1, generator=g, return_index=True)
         >>> round((ev[:, 0] == 4).float().mean().item(), 1)  # binom(2,2) each: 50/50
         0.5
-        >>> bool((many[torch.arange(10000), idx] == ev).all())
+        >>> bool((many[idx, torch.arange(10000)] == ev).all())
         True
     """
     if not isinstance(candidates, Tensor):
         raise TypeError(f"candidates must be a tensor, got {type(candidates).__name__}")
     if candidates.is_complex():
         raise TypeError(f"candidates must be real or integer, got {candidates.dtype}")
-    if candidates.dim() < 2:
+    event_ndim = _check_int(event_ndim, "event_ndim", 0)
+    if candidates.dim() < 1 + event_ndim:
         raise ValueError(
-            f"candidates must have shape (batch, N, *event), got {tuple(candidates.shape)}"
+            f"candidates must have shape (N, *batch, *event) with event_ndim={event_ndim} "
+            f"trailing event axes, got shape {tuple(candidates.shape)}"
         )
     n, alpha = _split_inverse_temperature(temperature)
+    _check_generator(generator)
     if not isinstance(return_index, bool):
         raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
-    b, n_cand = candidates.shape[:2]
-    event_shape = candidates.shape[2:]
+    split = candidates.dim() - event_ndim
+    n_cand, batch_shape, event_shape = candidates.shape[0], candidates.shape[1:split], (
+        candidates.shape[split:]
+    )
     if n_cand == 0:
         raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")
     dev = candidates.device
-    e = math.prod(event_shape)
-    m = b * n_cand
-    flat = candidates.reshape(m, e)  # (b*N, E), row-major: position i*N + j is row i, draw j
-    if m == 0 or e == 0:  # no rows, or empty events (all equal): any draw will do
-        index = torch.zeros(b, dtype=torch.long, device=dev)
-        events = candidates[:, 0]
+    b, e = math.prod(batch_shape), math.prod(event_shape)
+    flat = candidates.reshape(n_cand * b, e)  # (N*b, E): position j*b + i is draw j of row i
+    if b == 0 or e == 0:  # no rows, or empty events (all equal): any draw will do
+        index = torch.zeros(batch_shape, dtype=torch.long, device=dev)
+        events = candidates[0]
         return (events, index) if return_index else events
 
     # ---- group equal events of a row: sort each row's keys, measure the runs of equal keys
-    keys = _event_keys(flat).reshape(b, n_cand)  # (b, N) int64, equal events <-> equal keys
-    sorted_keys = _sort_rows(keys)  # (b, N)
+    keys = _event_keys(flat).view(n_cand, b)  # (N, b) int64, equal events <-> equal keys
+    nan = _nan_events(flat)  # (N*b,) bool or None: events containing NaN, each its own group
+    if nan is not None:  # NaN events sort last; no other event has this key (a NaN bit pattern)
+        nan = nan.view(n_cand, b)  # (N, b)
+        keys = keys.masked_fill(nan, _NAN_KEY)
+    sorted_keys = _sort_rows(keys.T)  # (b, N), each row's keys ascending
     counts = _group_counts(sorted_keys)  # (b, N): c_x at the end of x's run, 0 elsewhere
+    if nan is not None:
+        first_nan = n_cand - nan.sum(dim=0, dtype=torch.int32)[:, None]  # (b, 1)
+        sorted_nan = torch.arange(n_cand, device=dev, dtype=torch.int32) >= first_nan  # (b, N)
+        counts = torch.where(sorted_nan, torch.ones_like(counts), counts)
 
     # ---- one weight W(c_x) per distinct value (relative to the row's largest), inverse CDF
     cdf = _group_weights(counts, n, alpha).cumsum(dim=1)  # (b, N) float64
@@ -914,8 +972,18 @@ def batched_temperature_sample(
     u = _uniform((b, 1), dev, generator)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     pick = (cdf <= target).sum(dim=1, keepdim=True)  # (b, 1) first run whose cdf passes u
-    chosen = sorted_keys.gather(1, pick)  # (b, 1) key of the chosen value
-    index = (keys == chosen).to(torch.int8).max(dim=1).indices  # (b,) its first copy
-    events = candidates.reshape(b, n_cand, e).gather(1, index[:, None, None].expand(b, 1, e))
-    events = events.reshape(b, *event_shape)
+    chosen = sorted_keys.gather(1, pick).T  # (1, b) key of the chosen value
+    match = keys == chosen  # (N, b) the chosen value's draws
+    if nan is not None:  # a NaN pick is the (pick - first_nan)-th NaN event of the row
+        nth_nan = nan.cumsum(dim=0, dtype=torch.int32) - 1  # (N, b)
+        nan_pick = (pick - first_nan).T  # (1, b), >= 0 for a NaN pick
+        match = torch.where(nan_pick >= 0, nan & (nth_nan == nan_pick), match & ~nan)
+    # first draw of the chosen value, as N - max_j match_j (N - j): a maximum over dim 0 is much
+    # faster than an argmax there
+    small = torch.int16 if n_cand <= torch.iinfo(torch.int16).max else torch.int64
+    rank = torch.arange(n_cand, 0, -1, device=dev, dtype=small)[:, None]  # (N, 1): N - j
+    index = n_cand - (match * rank).amax(dim=0).long()  # (b,)
+    rows = torch.arange(b, device=dev)
+    events = flat.index_select(0, index * b + rows).reshape(*batch_shape, *event_shape)
+    index = index.reshape(batch_shape)
     return (events, index) if return_index else events
