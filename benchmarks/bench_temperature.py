@@ -7,7 +7,8 @@ Run with::
 * ``batched_temperature_sample`` against the per-row ``Counter`` formulation of the CALM
   reference code (for each row: a ``Counter`` over tuples of the K tokens, weights
   ``comb(c, n)`` with the paper's fallback to smaller n, ``random.choices``), at batch 64 and
-  512, N = 200 candidates of K = 4 tokens, T = 1/2, timed in the same run. Two plain
+  512, N = 200 candidates of K = 4 tokens, T = 1/2, timed in the same run. Candidates come
+  samples first, ``(N, batch, K)``, as a generative head returns them. Two plain
   formulations are timed: iterating the candidate tensor row by row and event by event (what
   code that receives the head's samples as a tensor does), and a faster one that first turns
   each row into Python lists. ``test_speedup_at_batch_512`` prints both speed-ups and checks
@@ -45,18 +46,19 @@ def _one_thread():
 
 
 def make_candidates(batch: int, seed: int = 0) -> torch.Tensor:
-    """(batch, N, K) token ids: per row, N draws from a Zipf(1.5) categorical over 64 chunks."""
+    """(N, batch, K) token ids: per row, N draws from a Zipf(1.5) categorical over 64 chunks."""
     gen = torch.Generator().manual_seed(seed)
     chunk_probs = torch.arange(1, CHUNKS + 1, dtype=torch.float) ** -1.5
     chunks = torch.randint(0, VOCAB, (batch, CHUNKS, K_TOKENS), generator=gen)
     ids = torch.multinomial(chunk_probs.expand(batch, CHUNKS), N_CANDIDATES, True, generator=gen)
-    return chunks.gather(1, ids[:, :, None].expand(batch, N_CANDIDATES, K_TOKENS))
+    rows = chunks.gather(1, ids[:, :, None].expand(batch, N_CANDIDATES, K_TOKENS))  # (b, N, K)
+    return rows.transpose(0, 1).contiguous()  # (N, b, K), the layout a head's draws come in
 
 
 def counter_per_row(candidates: torch.Tensor, n: int) -> list[tuple[int, ...]]:
     """The reference formulation, written plainly: a Python loop over rows and events."""
     out = []
-    for row in candidates:
+    for row in candidates.transpose(0, 1):  # (N, K) per row
         counts = Counter(tuple(event.tolist()) for event in row)
         n_eff = min(n, max(counts.values()))  # fall back to n-1, n-2, ... when needed
         values = list(counts)
@@ -68,7 +70,7 @@ def counter_per_row(candidates: torch.Tensor, n: int) -> list[tuple[int, ...]]:
 def counter_per_row_lists(candidates: torch.Tensor, n: int) -> list[tuple[int, ...]]:
     """The same with each row converted to Python lists first (a faster plain baseline)."""
     out = []
-    for row in candidates:
+    for row in candidates.transpose(0, 1):
         counts = Counter(map(tuple, row.tolist()))
         n_eff = min(n, max(counts.values()))
         values = list(counts)
@@ -93,7 +95,7 @@ def test_batched(benchmark, batch):
     cands = make_candidates(batch)
     gen = torch.Generator().manual_seed(1)
     benchmark.group = f"select among N=200 (batch {batch})"
-    out = benchmark(batched_temperature_sample, cands, 0.5, generator=gen)
+    out = benchmark(batched_temperature_sample, cands, 0.5, event_ndim=1, generator=gen)
     assert out.shape == (batch, K_TOKENS)
     benchmark.extra_info["rows_per_s"] = batch / benchmark.stats.stats.min
 
@@ -121,7 +123,9 @@ def test_speedup_at_batch_512():
     """Same run, same inputs: best-of-n times of the batched sampler and both Counter loops."""
     cands = make_candidates(512)
     gen = torch.Generator().manual_seed(2)
-    fast = best_time(lambda: batched_temperature_sample(cands, 0.5, generator=gen), 50)
+    fast = best_time(
+        lambda: batched_temperature_sample(cands, 0.5, event_ndim=1, generator=gen), 50
+    )
     reference = best_time(lambda: counter_per_row(cands, 2), 5)
     lists = best_time(lambda: counter_per_row_lists(cands, 2), 5)
     print(

@@ -15,6 +15,7 @@ from likelihood_free.brier import BrierLM, BrierLMResult, brier_estimate, brier_
 from likelihood_free.energy import energy_loss, energy_score
 from likelihood_free.temperature import (
     BernoulliFactoryResult,
+    TemperatureFallbackWarning,
     TemperatureSample,
     TemperatureSamplingExhausted,
     batched_temperature_sample,
@@ -36,6 +37,7 @@ __all__ = [
     "TemperatureSample",
     "BernoulliFactoryResult",
     "TemperatureSamplingExhausted",
+    "TemperatureFallbackWarning",
 ]
 
 __version__ = "0.1.0"

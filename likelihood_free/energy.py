@@ -22,6 +22,7 @@ Axis key (used in the shape comments below):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from numbers import Real
 
@@ -37,6 +38,12 @@ _REDUCTIONS = ("mean", "sum", "none")
 # A squared distance below this many epsilons of |a|^2 + |b|^2 is indistinguishable from
 # zero, so it is treated as an exact zero: its contribution is 0 and so is its gradient.
 _ZERO_TOL_EPS = 32.0
+# Up to this many features, squared distances are summed from the differences themselves: exact
+# up to rounding at a memory cost of d (B, n, n+m) tensors. The Gram formula above loses about
+# sqrt(32 eps) of the spread's scale to rounding, which at small d is the scale at which
+# independent draws come close (at d = 1 a pair of 8 normal draws is closer than 2e-3 of their
+# spread with probability ~1%); at larger d such close pairs are vanishingly rare.
+_DIRECT_MAX_D = 4
 
 
 def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
@@ -95,18 +102,17 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
         )
 
 
-def _safe_power(sq: Tensor, scale: Tensor, beta: float, keep: Tensor | None = None) -> Tensor:
+def _safe_power(sq: Tensor, zero_below: Tensor | float, beta: float, keep: Tensor) -> Tensor:
     """Returns ``sq ** (beta / 2)`` with numerical zeros (and ``~keep``) mapped to exactly 0.
 
-    ``sq`` holds squared distances from the matmul formula and ``scale`` the matching
-    ``|a|^2 + |b|^2``. Entries with ``sq <= _ZERO_TOL_EPS * eps * scale`` are zero up to
-    rounding; they give 0 with gradient 0 (a valid subgradient of ``||a - b||^beta`` at
-    ``a = b``), so coincident points never produce inf or NaN gradients.
+    ``sq`` holds squared distances and ``zero_below`` the size of their rounding error: for the
+    Gram formula ``_ZERO_TOL_EPS * eps * (|a|^2 + |b|^2)``, for differences the smallest normal
+    number. Entries with ``sq <= zero_below`` are zero up to rounding; they give 0 with gradient
+    0 (a valid subgradient of ``||a - b||^beta`` at ``a = b``), so coincident points never
+    produce inf or NaN gradients.
     """
     finfo = torch.finfo(sq.dtype)
-    nonzero = sq > scale * (_ZERO_TOL_EPS * finfo.eps)
-    if keep is not None:
-        nonzero = nonzero & keep
+    nonzero = (sq > zero_below) & keep
     # Clamping at the smallest normal number keeps the power and its derivative finite where
     # the mask then zeroes the result, and with it the gradient (0 * finite, never 0 * inf).
     safe = sq.clamp_min(finfo.tiny)
@@ -118,6 +124,40 @@ def _centred(points: Tensor, centre: Tensor, dtype: torch.dtype) -> Tensor:
     """(k, B, d) points -> contiguous (B, k, d) in `dtype`, minus the (B, d) centre."""
     out = points.transpose(0, 1).to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     return out.sub_(centre.unsqueeze(1))
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disables autocast on ``device`` (where it has one): matmuls then run in their operands' dtype."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _squared_distances(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | float]:
+    """(n, B, d) draws and (m, B, d) targets -> ((B, n, n+m) squared distances, zero_below).
+
+    Column ``j < n`` pairs draw ``i`` with draw ``j``, column ``n + k`` pairs it with target
+    ``k``. ``zero_below`` is the rounding error of each entry (see :func:`_safe_power`).
+    """
+    n, d = x.shape[0], x.shape[-1]
+    if d <= _DIRECT_MAX_D:
+        xs = x.transpose(0, 1).to(dtype)  # (B, n, d)
+        z = torch.cat([xs, y.transpose(0, 1).to(dtype)], dim=1)  # (B, n+m, d)
+        sq = (xs.unsqueeze(2) - z.unsqueeze(1)).square().sum(dim=-1)  # (B, n, n+m)
+        return sq, torch.finfo(dtype).tiny
+    # Centre every batch element at the mean of its model draws. Distances are translation
+    # invariant, so the centre needs no gradient; it removes the cancellation that
+    # |a|^2 + |b|^2 - 2 a.b suffers for points far from the origin.
+    centre = x.detach().mean(dim=0, dtype=dtype)  # (B, d)
+    xc = _centred(x, centre, dtype)  # (B, n, d)
+    yc = _centred(y, centre, dtype)  # (B, m, d)
+    gram_xx = torch.bmm(xc, xc.transpose(1, 2))  # (B, n, n)
+    x_sq = torch.diagonal(gram_xx, dim1=1, dim2=2)  # (B, n), |x_i|^2
+    y_sq = torch.linalg.vector_norm(yc, dim=-1).square()  # (B, m), |y_k|^2
+    gram = torch.cat([gram_xx, torch.bmm(xc, yc.transpose(1, 2))], dim=2)  # (B, n, n+m)
+    scale = x_sq.unsqueeze(2) + torch.cat([x_sq, y_sq], dim=1).unsqueeze(1)  # (B, n, n+m)
+    sq = torch.add(scale, gram, alpha=-2.0)  # (B, n, n+m), |a|^2 + |b|^2 - 2 a.b
+    return sq, scale * (_ZERO_TOL_EPS * torch.finfo(dtype).eps)
 
 
 def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tensor:
@@ -138,15 +178,19 @@ def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tens
     ``beta = 1`` it equals ``-2`` times the negatively oriented "fair" ensemble energy score of
     ``scoringrules`` (``es_ensemble(obs, fct, estimator="fair")``).
 
-    Distances are computed batched from :math:`|a|^2 + |b|^2 - 2 a \cdot b` on points
-    centred at the mean of the model draws (which leaves distances unchanged and keeps the
-    formula accurate), so no ``(n, m, *batch, d)`` tensor is ever built: besides one centred
-    copy of the inputs, memory is a few ``(B, n, n + m)`` tensors. Arithmetic is in float32 for float16/bfloat16/float32 input
-    and float64 if either input is float64. Pairs at distance zero up to rounding (squared
-    distance below ``32 eps (|a|^2 + |b|^2)`` for the centred points, i.e. closer than about
-    ``2e-3 sqrt(|a|^2 + |b|^2)`` in float32, the size of the formula's own rounding error)
-    contribute 0 with gradient 0, a valid subgradient, so coinciding draws (e.g. a freshly
-    initialised head whose draws are all equal) give finite gradients.
+    Arithmetic, and the result, are in float32 for float16/bfloat16/float32 input and in
+    float64 if either input is float64, whatever the autocast state (autocast is switched off
+    inside; gradients still reach the inputs in their own dtype). For ``d > 4`` distances come
+    from :math:`|a|^2 + |b|^2 - 2 a \cdot b` on points centred at the mean of the model draws
+    (which leaves distances unchanged and keeps the formula accurate), so no
+    ``(n, m, *batch, d)`` tensor is ever built: besides one centred copy of the inputs, memory
+    is a few ``(B, n, n + m)`` tensors. Pairs at distance zero up to that formula's rounding
+    (squared distance below ``32 eps (|a|^2 + |b|^2)`` for the centred points, i.e. closer than
+    about ``2e-3 sqrt(|a|^2 + |b|^2)`` in float32) contribute 0 with gradient 0, a valid
+    subgradient, so coinciding draws (e.g. a freshly initialised head whose draws are all
+    equal) give finite gradients. For ``d <= 4``, where independent draws often come that
+    close, distances are summed from the differences themselves (exact up to rounding, memory
+    ``d`` times ``(B, n, n + m)``) and only exactly coinciding points count as zero.
 
     Args:
         samples: ``(n, *batch, d)`` floating tensor, ``n >= 2`` independent draws of the model
@@ -183,30 +227,19 @@ def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tens
     is_double = torch.float64 in (samples.dtype, targets.dtype)
     dtype = torch.float64 if is_double else torch.float32
 
-    x = samples.reshape(n, -1, d)  # (n, B, d)
-    y = targets.reshape(m, -1, d)  # (m, B, d)
-    # Centre every batch element at the mean of its model draws. Distances are translation
-    # invariant, so the centre needs no gradient; it removes the cancellation that
-    # |a|^2 + |b|^2 - 2 a.b suffers for points far from the origin.
-    centre = x.detach().mean(dim=0, dtype=dtype)  # (B, d)
-    xc = _centred(x, centre, dtype)  # (B, n, d)
-    yc = _centred(y, centre, dtype)  # (B, m, d)
-
-    gram_xx = torch.bmm(xc, xc.transpose(1, 2))  # (B, n, n)
-    x_sq = torch.diagonal(gram_xx, dim1=1, dim2=2)  # (B, n), |x_i|^2
-    y_sq = torch.linalg.vector_norm(yc, dim=-1).square()  # (B, m), |y_k|^2
-    # Both terms in one pipeline: columns 0..n-1 pair draw i with draw j, columns n..n+m-1
-    # pair it with target k. Squared distances |a|^2 + |b|^2 - 2 a.b, then the safe power.
-    gram = torch.cat([gram_xx, torch.bmm(xc, yc.transpose(1, 2))], dim=2)  # (B, n, n+m)
-    scale = x_sq.unsqueeze(2) + torch.cat([x_sq, y_sq], dim=1).unsqueeze(1)  # (B, n, n+m)
-    sq = torch.add(scale, gram, alpha=-2.0)  # (B, n, n+m)
-    not_self = ~torch.eye(n, n + m, dtype=torch.bool, device=sq.device)  # excludes i == j
-    dist = _safe_power(sq, scale, beta, keep=not_self)  # (B, n, n+m), ||.||^beta
-    # spread = sum_{i != j} / (n(n-1)) and fit = sum_{i,k} / (nm); score = spread - 2 fit.
-    weights = torch.cat(
-        [dist.new_full((n,), 1.0 / (n * (n - 1))), dist.new_full((m,), -2.0 / (n * m))]
-    )  # (n+m,)
-    return (dist.sum(dim=1) @ weights).reshape(batch_shape)
+    # Autocast would run the matmuls below in bf16/fp16 (errors of ~1e-1 on the score); the
+    # whole computation stays in `dtype`, and gradients still reach the inputs in their dtype.
+    with _autocast_off(samples.device):
+        x = samples.reshape(n, -1, d)  # (n, B, d)
+        y = targets.reshape(m, -1, d)  # (m, B, d)
+        sq, zero_below = _squared_distances(x, y, dtype)  # (B, n, n+m)
+        not_self = ~torch.eye(n, n + m, dtype=torch.bool, device=sq.device)  # excludes i == j
+        dist = _safe_power(sq, zero_below, beta, not_self)  # (B, n, n+m), ||.||^beta
+        # spread = sum_{i != j} / (n(n-1)) and fit = sum_{i,k} / (nm); score = spread - 2 fit.
+        weights = torch.cat(
+            [dist.new_full((n,), 1.0 / (n * (n - 1))), dist.new_full((m,), -2.0 / (n * m))]
+        )  # (n+m,)
+        return (dist.sum(dim=1) @ weights).reshape(batch_shape)
 
 
 def energy_loss(

@@ -16,19 +16,24 @@ reached from samples alone. This module offers:
 
   (Wald's identity: an attempt costs ``n`` draws plus, after the ``n`` draws agreed on ``x``, the
   factory's ``P(x)^(alpha - 1)`` expected draws; attempts repeat ``1 / Z_T`` times on average).
+  For a spread-out ``P`` this grows exponentially in ``1/T``. A sampler call asks for at most
+  ``max_draws_per_call`` draws per row (attempts longer than that span several calls) and there
+  are at most ``max_rounds`` calls; rows left over raise, or fall back with a warning.
 * :func:`bernoulli_factory_power`: the generic factory turning a coin of unknown success
   probability ``p`` into a coin of success probability ``p^alpha``, ``alpha`` in ``(0, 1]``.
 * :func:`batched_temperature_sample`: a fixed-cost approximation that re-weights ``N`` given
   draws per row (the CALM paper's batch scheme, generalised to any ``T``), fully vectorised.
 
-Events are compared as a whole: a CALM chunk of ``K`` token ids is one event, and two events are
-equal when all their elements are equal, so draws must be integers or otherwise exactly
-comparable values.
+Samples come first everywhere, as in :mod:`likelihood_free.energy`: a sampler returns
+``(k, batch, *event)`` and the batched approximation takes ``(N, *batch, *event)``. Events are
+compared as a whole: a CALM chunk of ``K`` token ids is one event, and two events are equal when
+all their elements are equal (``==``), so draws must be integers or otherwise exactly comparable
+values; an event containing NaN equals no other draw.
 """
 
 # Axis key (tensor shapes in comments):
-#   k      draws (or coin flips) requested from the sampler in one round
-#   b      batch rows
+#   k      draws (or coin flips) requested from the sampler in one round (one call)
+#   b      batch rows (all batch axes flattened into one)
 #   r      rows still active (not yet accepted) in the exact sampler
 #   N      candidate draws per row (batched approximation)
 #   E      number of elements of one event (prod of *event; 1 for scalar events)
@@ -39,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from numbers import Real
 from typing import NamedTuple
@@ -49,6 +55,7 @@ from torch import Tensor
 
 __all__ = [
     "BernoulliFactoryResult",
+    "TemperatureFallbackWarning",
     "TemperatureSample",
     "TemperatureSamplingExhausted",
     "batched_temperature_sample",
@@ -65,6 +72,9 @@ _ON_EXHAUSTED = ("raise", "fallback")
 # With pass_rows=True and the default draws_per_round, a round asks the last rows for up to this
 # many times the base number of draws (tail rows of the factory can need thousands of draws).
 _MAX_GROWTH = 16
+# Default cap on the draws per row in one sampler call: bounds the memory of a call at low T
+# (an attempt of n > cap identical draws then spans several calls).
+_MAX_DRAWS_PER_CALL = 1024
 # The batched sampler reads group weights from an (N+1)^2 table up to this N (8 MiB).
 _MAX_LOOKUP_N = 1023
 
@@ -77,12 +87,18 @@ class TemperatureSample(NamedTuple):
         draws: ``(batch,)`` long, draws consumed by each row's procedure (draws requested in the
             same round but not needed after the row accepted are not counted).
         exhausted: ``(batch,)`` bool, rows that had not accepted after ``max_rounds`` rounds (only
-            ever ``True`` with ``on_exhausted="fallback"``; their sample is the fallback value).
+            ever ``True`` with ``on_exhausted="fallback"``; their sample is the fallback value,
+            *not* a tempered draw). :attr:`num_exhausted` counts them.
     """
 
     samples: Tensor
     draws: Tensor
     exhausted: Tensor
+
+    @property
+    def num_exhausted(self) -> int:
+        """Number of rows that fell back to an untempered value (``exhausted.sum()``)."""
+        return int(self.exhausted.sum())
 
 
 class BernoulliFactoryResult(NamedTuple):
@@ -98,6 +114,16 @@ class BernoulliFactoryResult(NamedTuple):
     outcome: Tensor
     flips: Tensor
     exhausted: Tensor
+
+
+class TemperatureFallbackWarning(UserWarning):
+    """Warned by :func:`temperature_sample` when ``on_exhausted="fallback"`` returned rows that
+    did not accept within ``max_rounds``: their values are *not* tempered samples.
+
+    The message gives the number of such rows; the result marks them in ``exhausted`` and counts
+    them in ``num_exhausted``. Silence it with
+    ``warnings.simplefilter("ignore", TemperatureFallbackWarning)`` when the fallback is expected.
+    """
 
 
 class TemperatureSamplingExhausted(RuntimeError):
@@ -164,6 +190,13 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
 
 
 def _uniform(
@@ -233,8 +266,8 @@ def bernoulli_factory_power(
         long and ``exhausted`` ``(batch,)`` bool, on the coin's device.
 
     Raises:
-        TypeError: ``alpha``, ``flips_per_call`` or ``max_steps`` of the wrong type, or a coin
-            that does not return a bool tensor.
+        TypeError: ``alpha``, ``flips_per_call``, ``max_steps`` or ``generator`` of the wrong
+            type, or a coin that does not return a bool tensor.
         ValueError: ``alpha`` outside ``(0, 1]``, non-positive counts, or a coin returning the
             wrong shape.
 
@@ -257,6 +290,7 @@ def bernoulli_factory_power(
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     k = _check_int(flips_per_call, "flips_per_call", 1)
     max_steps = _check_int(max_steps, "max_steps", 1)
+    _check_generator(generator)
 
     outcome = flips = done = None
     batch = -1
@@ -308,31 +342,49 @@ def temperature_sample(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     draws_per_round: int | None = None,
+    max_draws_per_call: int = _MAX_DRAWS_PER_CALL,
     generator: torch.Generator | None = None,
 ) -> TemperatureSample:
     """Sample exactly from ``P(x)^(1/T) / Z_T`` for every row, given only a sampler of ``P``.
 
-    With ``1/T = n + alpha`` (``n = floor(1/T)``, ``alpha`` snapped to 0 near integers), every row
+    *Cost first.* With ``1/T = n + alpha`` and ``Z_T = sum_x P(x)^(1/T)``, a row needs on average
+
+    ``E[draws] = (n + 1{alpha > 0} sum_x P(x)^(1/T - 1)) / Z_T``
+
+    draws (at most that when attempts span several calls, see below), which grows like
+    ``V^(1/T - 1)`` for a spread-out ``P`` over ``V`` values: the sampler must repeat itself
+    ``n`` times in a row. Every sampler call asks for at most ``max_draws_per_call`` draws per
+    active row, and there are at most ``max_rounds`` calls, so a call's memory and the total work
+    are bounded. For very low temperatures, where rows rarely accept within that budget, the
+    fixed-cost approximation :func:`batched_temperature_sample` is the practical choice.
+
+    *Procedure.* With ``n = floor(1/T)`` and ``alpha`` (snapped to 0 near integers), every row
     repeats *attempts* until one accepts: draw ``n`` values; if they are not all identical the
     attempt fails; otherwise, if ``alpha > 0``, run the ``p^alpha`` Bernoulli factory
     (:func:`bernoulli_factory_power`) whose coin is "a fresh draw equals the candidate": for
     ``i = 1, 2, ...`` a draw equal to the candidate accepts it, otherwise the attempt fails with
     probability ``alpha / i`` or the factory continues. An attempt accepts ``x`` with probability
-    ``P(x)^n * P(x)^alpha``, so accepted values are distributed as ``P^(1/T) / Z_T`` exactly. The
-    mean of ``draws`` is ``(n + 1{alpha > 0} sum_x P(x)^(1/T - 1)) / Z_T`` (every attempt is
-    charged its ``n`` draws even when the first two already differ, as in the CALM paper).
+    ``P(x)^n * P(x)^alpha``, so accepted values are distributed as ``P^(1/T) / Z_T`` exactly.
+    Events are compared with ``==`` (whole events: all elements equal), so an event containing
+    NaN never equals another draw (it can only be accepted at ``T = 1``, whose single draw is
+    compared with nothing).
 
     All rows run in parallel with whole-batch tensor operations, and every *round* is one
-    sampler call for ``k`` draws of each active row. A row in the identical-draws phase splits
-    its ``k`` draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; the
-    factory then consumes the draws after it (or, for a row already in the factory, all ``k``)
-    up to its first decision, all found with tensor operations (no loop over rows or draws).
-    Draws left over in a round (after an acceptance, a factory rejection, or a partial attempt)
-    are discarded: they are independent of everything decided, so this does not bias anything,
-    and ``draws`` only counts the draws each row's procedure used. Rows that have accepted stop
-    asking: with ``pass_rows=True`` the sampler is only called for the active rows; with
-    ``pass_rows=False`` it is called for the whole batch and finished rows' draws are ignored.
-    ``T = 1`` takes one draw per row.
+    sampler call for ``k`` draws of each active row (``k = min(draws_per_round,
+    max_draws_per_call)``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
+    draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; each attempt is
+    charged its ``n`` draws even when the first two already differ, as in the CALM paper. When
+    ``n > k`` (low ``T``), an attempt spans several calls: it continues into the next call while
+    every draw so far equals its first draw and fails at the first call that shows a mismatch,
+    whose draws are its last (later draws are never asked for, so the mean of ``draws`` is then
+    below the formula above). The factory then consumes the draws after the attempt (or, for a
+    row already in the factory, all ``k``) up to its first decision, all found with tensor
+    operations (no loop over rows or draws). Draws left over in a round (after an acceptance, a
+    factory rejection, a failed or a partial attempt) are discarded: they are independent of
+    everything decided, so this does not bias anything, and ``draws`` only counts the draws each
+    row's procedure used. Rows that have accepted stop asking: with ``pass_rows=True`` the
+    sampler is only called for the active rows; with ``pass_rows=False`` it is called for the
+    whole batch and finished rows' draws are ignored. ``T = 1`` takes one draw per row.
 
     Args:
         sampler: with ``pass_rows=False``, ``sampler(k) -> (k, batch, *event)``: ``k`` independent
@@ -347,16 +399,22 @@ def temperature_sample(
         on_exhausted: what to do with rows that have not accepted after ``max_rounds``:
             ``"raise"`` raises :class:`TemperatureSamplingExhausted` listing them;
             ``"fallback"`` returns, for those rows, the value of their latest attempt (its first
-            draw, which is *not* a tempered sample) and marks them in ``exhausted``.
+            draw, which is *not* a tempered sample), marks them in ``exhausted`` and warns with a
+            :class:`TemperatureFallbackWarning` giving their number.
         pass_rows: call the sampler with the active row indices (see ``sampler``).
         batch_size: number of rows; required when ``pass_rows=True`` (the first call gets
             ``rows = arange(batch_size)``), otherwise optional and checked against the sampler.
         device: device of the ``rows`` tensors given to the sampler. Default: the generator's
             device (else the CPU) for the first call, then the device of the draws.
-        draws_per_round: draws ``k`` per active row and round, ``>= n``. Default: ``n`` when
-            ``alpha = 0``, ``n + 1`` otherwise; with ``pass_rows=True`` the default then grows as
-            rows finish (``k = base * batch / (4 * rows left)``, at most 16 times the base), so
-            that the last rows, which can need many draws, take fewer sampler calls.
+        draws_per_round: draws ``k`` per active row and round, from ``n`` to
+            ``max_draws_per_call``. Default: ``n`` when ``alpha = 0``, ``n + 1`` otherwise, capped
+            at ``max_draws_per_call``; with ``pass_rows=True`` the default then grows as rows
+            finish (``k = base * batch / (4 * rows left)``, at most 16 times the base and
+            ``max_draws_per_call``), so that the last rows, which can need many draws, take fewer
+            sampler calls.
+        max_draws_per_call: most draws asked per active row in one sampler call, ``>= 1``
+            (default 1024): a call holds at most ``max_draws_per_call * batch`` draws. When
+            ``n = floor(1/T)`` exceeds it, attempts span several calls.
         generator: random generator for the factory's ``alpha / i`` decisions.
 
     Returns:
@@ -366,11 +424,16 @@ def temperature_sample(
     Raises:
         ValueError: temperature outside ``(0, 1]`` or nan (``T > 1`` cannot be reached by
             rejection from the model's own samples; ``T <= 0`` is greedy decoding), bad
-            ``max_rounds``/``draws_per_round``/``batch_size``, unknown ``on_exhausted``, missing
-            ``batch_size`` with ``pass_rows=True``, or a sampler output of the wrong shape.
-        TypeError: arguments of the wrong type or a sampler that does not return a tensor.
+            ``max_rounds``/``draws_per_round``/``max_draws_per_call``/``batch_size``, unknown
+            ``on_exhausted``, missing ``batch_size`` with ``pass_rows=True``, or a sampler output
+            of the wrong shape.
+        TypeError: arguments of the wrong type (``generator`` not a ``torch.Generator``) or a
+            sampler that does not return a tensor.
         TemperatureSamplingExhausted: rows still active after ``max_rounds`` with
             ``on_exhausted="raise"``; the message lists their indices.
+
+    Warns:
+        TemperatureFallbackWarning: rows fell back with ``on_exhausted="fallback"``.
 
     Example:
         >>> import torch
@@ -380,11 +443,14 @@ def temperature_sample(
         >>> def sampler(k):  # k draws for each of 4000 rows: (k, 4000)
         ...     return torch.multinomial(probs.expand(4000, 3), k, True, generator=g).T
         >>> out = temperature_sample(sampler, 0.5, generator=g)
-        >>> out.samples.shape, out.draws.dtype, bool(out.exhausted.any())
-        (torch.Size([4000]), torch.int64, False)
+        >>> out.samples.shape, out.draws.dtype, out.num_exhausted
+        (torch.Size([4000]), torch.int64, 0)
         >>> target = probs**2 / (probs**2).sum()  # about [0.78, 0.20, 0.02]
         >>> freq = torch.bincount(out.samples, minlength=3) / 4000
         >>> bool((freq - target).abs().max() < 0.03)
+        True
+        >>> expected = 2 / (probs**2).sum()  # E[draws] = n / Z_T at T = 1/2
+        >>> bool(abs(out.draws.double().mean() - expected) < 0.1)
         True
     """
     n, alpha = _split_inverse_temperature(temperature)
@@ -400,15 +466,23 @@ def temperature_sample(
             "batch_size is required when pass_rows=True (the first call gets "
             "rows = arange(batch_size))"
         )
+    cap = _check_int(max_draws_per_call, "max_draws_per_call", 1)
     if draws_per_round is None:
-        base_k = n + (1 if alpha > 0 else 0)
+        base_k = min(n + (1 if alpha > 0 else 0), cap)
     else:
         base_k = _check_int(draws_per_round, "draws_per_round", 1)
         if base_k < n:
             raise ValueError(
                 f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}"
             )
+        if base_k > cap:
+            raise ValueError(
+                f"draws_per_round={base_k} exceeds max_draws_per_call={cap}; raise "
+                "max_draws_per_call or leave draws_per_round at its default"
+            )
+    _check_generator(generator)
     adaptive = draws_per_round is None and pass_rows
+    span = n > base_k  # attempts of n identical draws span several calls of k < n draws
     rows_device = torch.device(device) if device is not None else None
     what = "sampler(k, rows)" if pass_rows else "sampler(k)"
 
@@ -425,9 +499,8 @@ def temperature_sample(
             else:
                 call_rows = rows if rows_device is None else rows.to(rows_device)
                 if adaptive:  # fewer rows left: more draws each, ~batch * base_k / 4 in all
-                    k = min(
-                        _MAX_GROWTH * base_k, max(base_k, base_k * batch_size // (4 * len(rows)))
-                    )
+                    grown = max(base_k, base_k * batch_size // (4 * len(rows)))
+                    k = min(_MAX_GROWTH * base_k, grown, cap)
             x = sampler(k, call_rows)
             expected_batch = call_rows.shape[0]
         else:
@@ -460,6 +533,8 @@ def temperature_sample(
             in_factory = torch.zeros(batch, dtype=torch.bool, device=dev)
             step = torch.ones(batch, dtype=torch.long, device=dev)  # next factory step i
             used = torch.zeros(batch, dtype=torch.long, device=dev)  # draws consumed
+            progress = torch.zeros(batch, dtype=torch.long, device=dev)  # draws of a spanning
+            # attempt so far, all equal to `cand` (0: the next call starts a new attempt)
         elif x.shape[2:] != event_shape or x.dtype != dtype:
             raise ValueError(
                 f"{what} changed its event shape or dtype between calls: first "
@@ -471,25 +546,39 @@ def temperature_sample(
         if not pass_rows:
             x = x.index_select(1, rows.to(x.device))
         x = x.to(dev).reshape(k, r, e)  # (k, r, E)
+        pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
 
-        # ---- identical-draws phase: k // n attempts per row, take the first that passes
-        attempts = k // n
-        blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
-        firsts = blocks[:, 0]  # (a, r, E)
-        same = (blocks == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
-        passed, block = _first_true(same & ~in_factory)  # (r,) each
-        block = torch.where(passed, block, torch.full_like(block, attempts - 1))
-        picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+        if not span:
+            # ---- identical-draws phase: k // n attempts per row, take the first that passes
+            attempts = k // n
+            blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
+            firsts = blocks[:, 0]  # (a, r, E)
+            # the first draw is not compared with itself: with n = 1 every attempt passes, NaN too
+            same = (blocks[:, 1:] == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
+            passed, block = _first_true(same & ~in_factory)  # (r,) each
+            block = torch.where(passed, block, torch.full_like(block, attempts - 1))
+            picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+            attempt_end = (block + 1) * n  # (r,) position after the passing (or last) attempt
+            used = used + torch.where(in_factory, 0, torch.where(passed, attempt_end, attempts * n))
+        else:
+            # ---- identical-draws phase, n > k: this call holds the next `length` draws of each
+            # row's attempt; it goes on while they all equal its first draw
+            fresh = progress == 0  # (r,) the attempt starts with this call
+            picked = torch.where(fresh[:, None], x[0], cand)  # (r, E) the attempt's first draw
+            attempt_end = torch.clamp(n - progress, max=k)  # (r,) its draws in this call
+            equal = (x == picked).all(dim=-1) | ((pos == 0) & fresh)  # (k, r), first: itself
+            whole = (equal | (pos >= attempt_end)).all(dim=0) & ~in_factory  # (r,)
+            passed = whole & (progress + attempt_end == n)  # (r,) all n draws identical
+            progress = torch.where(whole & ~passed, progress + attempt_end, 0)
+            used = used + torch.where(in_factory, 0, attempt_end)
         cand = torch.where(in_factory[:, None], cand, picked)
-        used = used + torch.where(in_factory, 0, torch.where(passed, block + 1, attempts) * n)
         if alpha == 0:
             accepted = passed
         else:
             # ---- p^alpha factory: coin "draw == candidate", from position `begin` on
-            begin = torch.where(in_factory, 0, (block + 1) * n)  # (r,)
+            begin = torch.where(in_factory, 0, attempt_end)  # (r,)
             first_step = torch.where(in_factory, step, 1)
             factory = in_factory | passed
-            pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
             steps = first_step + (pos - begin)  # (k, r) factory step of each draw
             heads = (x == cand).all(dim=-1)  # (k, r)
             accept, reject = _factory_step(heads, _uniform((k, r), dev, generator), steps, alpha)
@@ -505,28 +594,49 @@ def temperature_sample(
         out_samples[rows[done]] = cand[done]
         out_draws[rows[done]] = used[done]
         keep = (~accepted).nonzero().squeeze(1)
-        rows, cand, in_factory, step, used = (t[keep] for t in (rows, cand, in_factory, step, used))
+        rows, cand, in_factory, step, used, progress = (
+            t[keep] for t in (rows, cand, in_factory, step, used, progress)
+        )
         if rows.shape[0] == 0:
             break
 
-    if rows.shape[0] > 0:
+    left = rows.shape[0]  # known on the host: no sync
+    if left > 0:
         out_samples[rows] = cand
         out_draws[rows] = used
         exhausted[rows] = True
     result = TemperatureSample(
         samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted
     )
-    if rows.shape[0] > 0 and on_exhausted == "raise":
+    if left == 0:
+        return result
+    budget = (
+        f"within max_rounds={max_rounds} sampler calls (T={float(temperature):g}: attempts of "
+        f"{n} identical draws, {k} draws per row and call)"
+    )
+    advice = (
+        "The sampler rarely repeats itself at this temperature (each row needs (n + "
+        "1{alpha > 0} sum_x P(x)^(1/T - 1)) / sum_x P(x)^(1/T) draws on average); raise "
+        "max_rounds, or use batched_temperature_sample, whose cost is fixed, for very low "
+        "temperatures"
+    )
+    if on_exhausted == "raise":
         bad = rows.tolist()  # error path only
         shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
         raise TemperatureSamplingExhausted(
-            f"{len(bad)} row(s) did not accept a sample within max_rounds={max_rounds} "
-            f"(T={float(temperature):g}, {base_k} draws per round): rows [{shown}]. The sampler "
-            "may rarely repeat itself at this temperature; raise max_rounds or draws_per_round, "
-            "or pass on_exhausted='fallback' to return untempered draws for those rows",
+            f"{left} row(s) did not accept a sample {budget}: rows [{shown}]. {advice}, or pass "
+            "on_exhausted='fallback' to return untempered draws for those rows",
             rows=bad,
             result=result,
         )
+    warnings.warn(
+        TemperatureFallbackWarning(
+            f"{left} of {batch} row(s) did not accept a sample {budget} and fell back to the "
+            f"first draw of their latest attempt, which is not a tempered sample (marked in "
+            f"`exhausted`, counted in `num_exhausted`). {advice}"
+        ),
+        stacklevel=2,
+    )
     return result
 
 
@@ -546,10 +656,13 @@ _HASH_BASE = _splitmix64(2024) | 1  # odd; as a signed int64
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64's multipliers as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _LANE_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+# Key of every event containing NaN: the largest int64, a NaN bit pattern in every float format
+# (exponent and mantissa all ones), so no packed float event without NaN has it.
+_NAN_KEY = (1 << 63) - 1
 
 
 def _event_keys(flat: Tensor) -> Tensor:
-    """``(m, E)`` events -> ``(m,)`` int64 keys: equal events get equal keys.
+    """``(..., E)`` events -> ``(...)`` int64 keys: equal events get equal keys.
 
     With ``w = 64 // E`` bits per element, an event whose elements are all integers in
     ``[0, 2**w)`` (e.g. token ids below 65536 for ``E = 4``, below 2**32 for ``E = 2``; always the
@@ -557,11 +670,13 @@ def _event_keys(flat: Tensor) -> Tensor:
     injective key). Other events get a polynomial hash ``sum_e mix(x_e) B^(E-1-e) mod 2**64``
     (``mix`` a bijective 64-bit mixer, ``B`` a fixed random odd base): two different events then
     share a key with probability about ``E * 2**-64``. Floats are keyed by their bit pattern
-    after mapping ``-0.0`` to ``0.0``; bools as 0/1. On CPU, when every element of int64 events
-    fits (one check for the whole tensor), the low ``w`` bits of each element are copied side
-    by side in one pass instead.
+    after mapping ``-0.0`` to ``0.0``, packed when the dtype has at most ``w`` bits and hashed
+    otherwise (so that only events containing NaN can pack to ``_NAN_KEY``); bools as 0/1. On
+    CPU, when every element of int64 events fits (one check for the whole tensor), the low ``w``
+    bits of each element are copied side by side in one pass instead. Any layout of the leading
+    axes is accepted (a transposed view costs no extra copy on that path).
     """
-    e = flat.shape[1]
+    e = flat.shape[-1]
     if flat.dtype == torch.bool:
         bits, x = 1, flat.to(torch.int64)
     elif flat.dtype.is_floating_point:
@@ -573,13 +688,13 @@ def _event_keys(flat: Tensor) -> Tensor:
     else:
         bits, x = torch.iinfo(flat.dtype).bits, flat.to(torch.int64)
     if e == 1:
-        return x[:, 0]
+        return x[..., 0]
     width = 64 // e
     if bits <= width:  # known from the dtype: every event packs exactly
         mask = (1 << bits) - 1
-        key = x[:, 0] & mask
+        key = x[..., 0] & mask
         for i in range(1, e):
-            key = torch.add(x[:, i] & mask, key, alpha=1 << bits)  # key * 2**bits + x_i
+            key = torch.add(x[..., i] & mask, key, alpha=1 << bits)  # key * 2**bits + x_i
         return key
     if (
         x.device.type == "cpu"
@@ -591,19 +706,40 @@ def _event_keys(flat: Tensor) -> Tensor:
         low, high = torch.aminmax(x)  # reading CPU flags costs no device sync
         if bool(low >= 0) and bool(high < (1 << width)):
             # every element fits in its lowest `width` bits: keep those lanes, one copy
-            lanes = x.view(_LANE_DTYPES[width])[:, :: 64 // width]  # (m, E) strided
-            return lanes.contiguous().view(torch.int64).view(-1)
-    packed = any_bits = x[:, 0]
+            lanes = x.view(_LANE_DTYPES[width])[..., :: 64 // width]  # (..., E) strided
+            return lanes.contiguous().view(torch.int64).squeeze(-1)
+    if flat.dtype.is_floating_point:  # bit patterns of floats rarely fit: hash
+        return _hash_events(x)
+    packed = any_bits = x[..., 0]
     for i in range(1, e):
-        packed = torch.add(x[:, i], packed, alpha=1 << width)  # Horner in base 2**w (wraps)
-        any_bits = any_bits | x[:, i]
+        packed = torch.add(x[..., i], packed, alpha=1 << width)  # Horner in base 2**w (wraps)
+        any_bits = any_bits | x[..., i]
     fits = (any_bits >> width) == 0  # all elements in [0, 2**w) (negatives have high bits)
     if x.device.type == "cpu" and bool(fits.all()):  # reading a CPU flag costs no device sync
         return packed
-    hashed = _mix64(x[:, 0])
-    for i in range(1, e):
-        hashed = torch.add(_mix64(x[:, i]), hashed, alpha=_HASH_BASE)  # Horner in base B (wraps)
-    return torch.where(fits, packed, hashed)
+    return torch.where(fits, packed, _hash_events(x))
+
+
+def _hash_events(x: Tensor) -> Tensor:
+    """``(..., E)`` int64 elements -> ``(...)`` polynomial hashes ``sum_e mix(x_e) B^(E-1-e)``."""
+    hashed = _mix64(x[..., 0])
+    for i in range(1, x.shape[-1]):
+        hashed = torch.add(_mix64(x[..., i]), hashed, alpha=_HASH_BASE)  # Horner in base B (wraps)
+    return hashed
+
+
+def _nan_events(flat: Tensor) -> Tensor | None:
+    """``(..., E)`` events -> ``(...)`` bool, events containing NaN; ``None`` when there is none.
+
+    ``None`` is known for free for non-float dtypes and, on CPU, from one flag; on other devices
+    the mask is returned without looking at it (no synchronisation).
+    """
+    if not flat.is_floating_point():
+        return None
+    nan = flat.isnan().any(dim=-1)  # (...)
+    if flat.device.type == "cpu" and not bool(nan.any()):  # reading a CPU flag costs no sync
+        return None
+    return nan
 
 
 def _mix64(x: Tensor) -> Tensor:
@@ -616,14 +752,16 @@ def _mix64(x: Tensor) -> Tensor:
 
 
 def _sort_rows(keys: Tensor) -> Tensor:
-    """``(b, N)`` int64 keys -> the same keys sorted ascending within each row (values only).
+    """``(b, N)`` int64 keys, any layout -> ``(b, N)`` contiguous, each row sorted ascending.
 
-    On CPU this is NumPy's sort, which is SIMD-accelerated (x86-simd-sort) and several times
-    faster than ``torch.sort`` for many short rows; the tensor shares memory with the NumPy
-    result. Other devices use ``torch.sort`` along the row.
+    On CPU this is NumPy's in-place sort of one row-major copy (made by torch, which transposes
+    faster than NumPy), SIMD-accelerated (x86-simd-sort) and several times faster than
+    ``torch.sort`` for many short rows. Other devices use ``torch.sort`` along the row.
     """
     if keys.device.type == "cpu":
-        return torch.from_numpy(np.sort(keys.numpy(), axis=1))
+        rows = keys.clone(memory_format=torch.contiguous_format)  # one copy, transposing if need be
+        rows.numpy().sort(axis=1)  # in place, on the shared memory
+        return rows
     return torch.sort(keys, dim=1).values
 
 
@@ -695,13 +833,18 @@ def batched_temperature_sample(
     candidates: Tensor,
     temperature: float,
     *,
+    event_ndim: int = 0,
     generator: torch.Generator | None = None,
     return_index: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Approximate temperature sampling by re-weighting ``N`` given draws per row.
 
-    Equal candidates (whole events) are grouped with tensor operations and a value ``x`` seen
-    ``c_x`` times among a row's ``N`` draws is chosen with probability proportional to
+    ``candidates`` holds ``N`` draws for every batch element (a *row*), samples first as in
+    :func:`temperature_sample`'s sampler and :func:`~likelihood_free.energy.energy_score`:
+    ``(N, *batch, *event)``, where the last ``event_ndim`` axes form one event compared as a
+    whole (``event_ndim=1`` for CALM's chunks of ``K`` token ids). Equal candidates of a row are
+    grouped with tensor operations and a value ``x`` seen ``c_x`` times among the row's ``N``
+    draws is chosen with probability proportional to
 
     ``W_x = binom(c_x, n) * ((c_x - n) / (N - n))^alpha``,   ``1/T = n + alpha``,
 
@@ -726,6 +869,10 @@ def batched_temperature_sample(
     frequent values (the paper falls back to ``n-1, n-2, ...``; this is where that ends).
     ``T = 1`` returns a uniformly chosen draw, which is exact.
 
+    *Equality*: events are equal when all their elements are ``==``: floats compare by value
+    (``-0.0 == 0.0``) and an event containing NaN equals no other draw, even one with the same
+    NaN bit pattern (it is a group of its own, ``c = 1``), as in :func:`temperature_sample`.
+
     *Grouping*: each event becomes one int64 key. Events of small non-negative integers (up to
     ``64 // E`` bits each: token ids below 65536 with 4 tokens per event, below 2**32 with 2) or
     of narrow dtypes are packed exactly; other events are hashed to 64 bits, and two different
@@ -735,70 +882,89 @@ def batched_temperature_sample(
     ``c_x``, read from a running maximum over the run starts, and its weight comes from a
     table indexed by count. No Python loop over rows and no device synchronisation: the same code
     runs on CPU and GPU (on CPU, where reading a flag is free, key packing takes a cheaper path
-    when a check allows). Floats are compared by value, ``-0.0 == 0.0``.
+    when a check allows).
 
     Args:
-        candidates: ``(batch, N, *event)`` draws per row (``N >= 1``), integers or otherwise
-            exactly comparable values. Whole events are compared.
+        candidates: ``(N, *batch, *event)`` draws (``N >= 1``) for each of the ``prod(batch)``
+            rows, integers or otherwise exactly comparable values. Any number of batch axes
+            (none: one row).
         temperature: ``T`` in ``(0, 1]``.
+        event_ndim: number of trailing axes that form one event, ``>= 0`` (0: every scalar is
+            an event).
         generator: random generator for the final choice (one uniform per row).
         return_index: also return the chosen index into ``N``.
 
     Returns:
-        ``(batch, *event)`` the chosen event per row (same dtype and device as ``candidates``);
-        with ``return_index=True`` a tuple ``(events, index)`` where ``index`` is ``(batch,)``
-        long and ``candidates[i, index[i]]`` equals ``events[i]`` (the first copy of the chosen
-        value in the row).
+        ``(*batch, *event)`` the chosen event per row (same dtype and device as ``candidates``);
+        with ``return_index=True`` a tuple ``(events, index)`` where ``index`` is ``(*batch)``
+        long, the first draw of the row equal to the chosen value: with one batch axis,
+        ``candidates[index[i], i]`` is ``events[i]``.
 
     Raises:
         TypeError: ``candidates`` not a tensor or complex, ``temperature`` not a real number,
-            ``return_index`` not a bool.
-        ValueError: ``candidates`` with fewer than 2 dimensions or ``N = 0``, temperature
-            outside ``(0, 1]`` or nan.
+            ``event_ndim`` not an int, ``generator`` not a ``torch.Generator``, ``return_index``
+            not a bool.
+        ValueError: ``candidates`` with fewer than ``1 + event_ndim`` dimensions or ``N = 0``,
+            ``event_ndim < 0``, temperature outside ``(0, 1]`` or nan.
 
     Example:
         >>> import torch
         >>> from likelihood_free.temperature import batched_temperature_sample
-        >>> cands = torch.tensor([[[1, 2], [1, 2], [1, 2], [7, 7]],    # (1,2) three times
-        ...                       [[4, 4], [4, 4], [5, 5], [5, 5]]])   # two values twice each
-        >>> batched_temperature_sample(cands, 0.5)[0]  # binom(3,2)=3 vs binom(1,2)=0
+        >>> cands = torch.tensor([[[1, 2], [4, 4]],    # (N=4, batch=2, event=2): draw 0
+        ...                       [[1, 2], [4, 4]],
+        ...                       [[1, 2], [5, 5]],
+        ...                       [[7, 7], [5, 5]]])   # row 0: (1,2) three times; row 1: 2 + 2
+        >>> batched_temperature_sample(cands, 0.5, event_ndim=1)[0]  # binom(3,2)=3 vs 0
         tensor([1, 2])
         >>> g = torch.Generator().manual_seed(0)
-        >>> many = cands[1:].expand(10000, 4, 2)
-        >>> ev, idx = batched_temperature_sample(many, 0.5, generator=g, return_index=True)
+        >>> many = cands[:, 1:].expand(4, 10000, 2)  # (N, batch=10000, 2): row 1 repeated
+        >>> ev, idx = batched_temperature_sample(
+        ...     many, 0.5, event_ndim=1, generator=g, return_index=True)
         >>> round((ev[:, 0] == 4).float().mean().item(), 1)  # binom(2,2) each: 50/50
         0.5
-        >>> bool((many[torch.arange(10000), idx] == ev).all())
+        >>> bool((many[idx, torch.arange(10000)] == ev).all())
         True
     """
     if not isinstance(candidates, Tensor):
         raise TypeError(f"candidates must be a tensor, got {type(candidates).__name__}")
     if candidates.is_complex():
         raise TypeError(f"candidates must be real or integer, got {candidates.dtype}")
-    if candidates.dim() < 2:
+    event_ndim = _check_int(event_ndim, "event_ndim", 0)
+    if candidates.dim() < 1 + event_ndim:
         raise ValueError(
-            f"candidates must have shape (batch, N, *event), got {tuple(candidates.shape)}"
+            f"candidates must have shape (N, *batch, *event) with event_ndim={event_ndim} "
+            f"trailing event axes, got shape {tuple(candidates.shape)}"
         )
     n, alpha = _split_inverse_temperature(temperature)
+    _check_generator(generator)
     if not isinstance(return_index, bool):
         raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
-    b, n_cand = candidates.shape[:2]
-    event_shape = candidates.shape[2:]
+    split = candidates.dim() - event_ndim
+    n_cand, batch_shape, event_shape = candidates.shape[0], candidates.shape[1:split], (
+        candidates.shape[split:]
+    )
     if n_cand == 0:
         raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")
     dev = candidates.device
-    e = math.prod(event_shape)
-    m = b * n_cand
-    flat = candidates.reshape(m, e)  # (b*N, E), row-major: position i*N + j is row i, draw j
-    if m == 0 or e == 0:  # no rows, or empty events (all equal): any draw will do
-        index = torch.zeros(b, dtype=torch.long, device=dev)
-        events = candidates[:, 0]
+    b, e = math.prod(batch_shape), math.prod(event_shape)
+    flat = candidates.reshape(n_cand * b, e)  # (N*b, E): position j*b + i is draw j of row i
+    if b == 0 or e == 0:  # no rows, or empty events (all equal): any draw will do
+        index = torch.zeros(batch_shape, dtype=torch.long, device=dev)
+        events = candidates[0]
         return (events, index) if return_index else events
 
     # ---- group equal events of a row: sort each row's keys, measure the runs of equal keys
-    keys = _event_keys(flat).reshape(b, n_cand)  # (b, N) int64, equal events <-> equal keys
-    sorted_keys = _sort_rows(keys)  # (b, N)
+    keys = _event_keys(flat).view(n_cand, b)  # (N, b) int64, equal events <-> equal keys
+    nan = _nan_events(flat)  # (N*b,) bool or None: events containing NaN, each its own group
+    if nan is not None:  # NaN events sort last; no other event has this key (a NaN bit pattern)
+        nan = nan.view(n_cand, b)  # (N, b)
+        keys = keys.masked_fill(nan, _NAN_KEY)
+    sorted_keys = _sort_rows(keys.T)  # (b, N), each row's keys ascending
     counts = _group_counts(sorted_keys)  # (b, N): c_x at the end of x's run, 0 elsewhere
+    if nan is not None:
+        first_nan = n_cand - nan.sum(dim=0, dtype=torch.int32)[:, None]  # (b, 1)
+        sorted_nan = torch.arange(n_cand, device=dev, dtype=torch.int32) >= first_nan  # (b, N)
+        counts = torch.where(sorted_nan, torch.ones_like(counts), counts)
 
     # ---- one weight W(c_x) per distinct value (relative to the row's largest), inverse CDF
     cdf = _group_weights(counts, n, alpha).cumsum(dim=1)  # (b, N) float64
@@ -806,8 +972,18 @@ def batched_temperature_sample(
     u = _uniform((b, 1), dev, generator)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     pick = (cdf <= target).sum(dim=1, keepdim=True)  # (b, 1) first run whose cdf passes u
-    chosen = sorted_keys.gather(1, pick)  # (b, 1) key of the chosen value
-    index = (keys == chosen).to(torch.int8).max(dim=1).indices  # (b,) its first copy
-    events = candidates.reshape(b, n_cand, e).gather(1, index[:, None, None].expand(b, 1, e))
-    events = events.reshape(b, *event_shape)
+    chosen = sorted_keys.gather(1, pick).T  # (1, b) key of the chosen value
+    match = keys == chosen  # (N, b) the chosen value's draws
+    if nan is not None:  # a NaN pick is the (pick - first_nan)-th NaN event of the row
+        nth_nan = nan.cumsum(dim=0, dtype=torch.int32) - 1  # (N, b)
+        nan_pick = (pick - first_nan).T  # (1, b), >= 0 for a NaN pick
+        match = torch.where(nan_pick >= 0, nan & (nth_nan == nan_pick), match & ~nan)
+    # first draw of the chosen value, as N - max_j match_j (N - j): a maximum over dim 0 is much
+    # faster than an argmax there
+    small = torch.int16 if n_cand <= torch.iinfo(torch.int16).max else torch.int64
+    rank = torch.arange(n_cand, 0, -1, device=dev, dtype=small)[:, None]  # (N, 1): N - j
+    index = n_cand - (match * rank).amax(dim=0).long()  # (b,)
+    rows = torch.arange(b, device=dev)
+    events = flat.index_select(0, index * b + rows).reshape(*batch_shape, *event_shape)
+    index = index.reshape(batch_shape)
     return (events, index) if return_index else events

@@ -132,7 +132,14 @@ def test_batched_values_match_per_element_calls() -> None:
 
 @pytest.mark.parametrize(
     ("n", "m", "batch", "d"),
-    [(2, 1, (), 3), (5, 4, (), 1), (4, 3, (3,), 1), (3, 7, (2, 3), 4), (6, 2, (2, 1, 2), 7)],
+    [
+        (2, 1, (), 3),
+        (5, 4, (), 1),
+        (4, 3, (3,), 1),
+        (3, 7, (2, 3), 4),
+        (6, 2, (2, 1, 2), 7),
+        (8, 5, (3,), 16),
+    ],
 )
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
 def test_matches_naive_double_loop(n, m, batch, d, beta) -> None:
@@ -218,6 +225,23 @@ def test_float32_accurate_for_clustered_draws() -> None:
     )
 
 
+@pytest.mark.parametrize("d", [1, 2, 4])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_float32_accurate_for_close_pairs_at_small_d(d: int, beta: float) -> None:
+    """Two draws 1e-4 apart among draws spread over ~1: at small d such pairs are common.
+
+    The Gram formula's rounding (~sqrt(32 eps) = 2e-3 of the spread) would count the pair as
+    coincident and lose ~(1e-4)^beta / (n (n - 1)) of the score.
+    """
+    g = torch.Generator().manual_seed(12)
+    samples = torch.randn(5, 64, d, generator=g)
+    samples[1] = samples[0] + 1e-4 * torch.randn(64, d, generator=g)
+    targets = torch.randn(3, 64, d, generator=g)
+    got = energy_score(samples, targets, beta=beta)
+    expected = _naive_score(samples, targets, beta)  # float64 on the same float32 values
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 
@@ -244,6 +268,58 @@ def test_float64_wins_mixed_dtypes() -> None:
     targets = torch.randn(2, 2, 4, dtype=torch.float64)
     assert energy_score(samples, targets).dtype == torch.float64
     assert energy_score(samples.double(), targets.float()).dtype == torch.float64
+
+
+
+def _autocast_case(d: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(11 + d)
+    samples = torch.randn(8, 64, d, generator=g).to(device)
+    targets = (0.5 + torch.randn(100, 64, d, generator=g)).to(device)
+    return samples, targets
+
+
+@pytest.mark.parametrize("d", [2, 128])  # difference path and Gram (matmul) path
+@pytest.mark.parametrize("low", [None, torch.bfloat16])  # float32 or bfloat16 inputs
+def test_autocast_cpu_keeps_float32_arithmetic(d: int, low) -> None:
+    """Under bf16 autocast the result is float32 and as accurate as without it (issue 14.7)."""
+    samples, targets = _autocast_case(d)
+    if low is not None:
+        samples, targets = samples.to(low), targets.to(low)
+    exact = energy_score(samples.double(), targets.double())  # float64 on the same inputs
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = energy_score(samples, targets)
+        loss = energy_loss(samples, targets, reduction="none")
+    assert got.dtype == torch.float32 and loss.dtype == torch.float32
+    # float32 arithmetic: ~1e-6 relative; bf16 matmuls were off by up to 0.12 (1e-2 relative).
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, -got)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert energy_score(samples.double(), targets).dtype == torch.float64
+    # Gradients reach bf16 leaves in their own dtype, equal to those computed without autocast.
+    leaf = samples.clone().requires_grad_()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        energy_loss(leaf, targets).backward()
+    plain = samples.clone().requires_grad_()
+    energy_loss(plain, targets).backward()
+    assert leaf.grad.dtype == samples.dtype
+    torch.testing.assert_close(leaf.grad, plain.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cuda_keeps_float32_arithmetic(dtype) -> None:
+    samples, targets = _autocast_case(128, "cuda")
+    exact = energy_score(samples.double(), targets.double())
+    with torch.autocast(device_type="cuda", dtype=dtype):
+        got = energy_score(samples, targets)
+    assert got.dtype == torch.float32
+    # TF32 matmuls (if enabled) round to ~1e-3 relative; bf16/fp16 ones were ~1e-2 off.
+    tol = 1e-5 if not torch.backends.cuda.matmul.allow_tf32 else 2e-3
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+    leaf = samples.to(dtype).requires_grad_()
+    with torch.autocast(device_type="cuda", dtype=dtype):
+        energy_loss(leaf, targets.to(dtype)).backward()
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad.float()).all()
 
 
 # ----------------------------------------------------------------------------- gradients

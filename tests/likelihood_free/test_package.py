@@ -24,3 +24,7 @@ def test_importing_the_toolkit_pulls_in_no_language_model_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"likelihood_free imported {out.stdout.strip()}"
+
+
+def test_fallback_warning_is_a_user_warning():
+    assert issubclass(likelihood_free.TemperatureFallbackWarning, UserWarning)
