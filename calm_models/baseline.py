@@ -54,6 +54,7 @@ class TokenLM(nn.Module):
     Embeddings (and an untied output layer) are initialised ``N(0, init_std^2)``.
 
     Example:
+        >>> from calm_models.config import BackboneConfig
         >>> cfg = TokenLMConfig(vocab_size=50, backbone=BackboneConfig(hidden_size=32,
         ...                     num_layers=2, num_heads=4, max_seq_len=64))
         >>> model = TokenLM(cfg)
@@ -196,6 +197,7 @@ class TokenLM(nn.Module):
         """Unbiased Brier-1..n estimates ``2 P(y_{1:n}) - P(x_{1:n})``, ``(b, P, n)`` (see :meth:`brier_terms`).
 
         Example:
+            >>> from calm_models.config import BackboneConfig
             >>> model = TokenLM(TokenLMConfig(8, BackboneConfig(hidden_size=16, num_layers=1,
             ...                                                 num_heads=2, max_seq_len=32)))
             >>> tokens = torch.randint(8, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -283,7 +283,7 @@ class HeadConfig:
         >>> HeadConfig(type="gan")
         Traceback (most recent call last):
         ...
-        ValueError: type must be one of ('energy', 'flow', 'diffusion'), got 'gan'
+        ValueError: type must be one of ('energy', 'energy_mlp', 'flow', 'diffusion'), got 'gan'
     """
 
     type: str = "energy"

@@ -33,6 +33,10 @@ __all__ = ["CALM", "CALMConfig", "InputCompressor", "SAMPLERS"]
 
 #: Valid values of the ``sampler`` argument of :meth:`CALM.generate`.
 SAMPLERS = ("exact", "batch")
+#: The exact sampler refuses temperatures below ``1 / EXACT_MAX_DRAWS`` (an attempt needs
+#: ``floor(1/T)`` identical draws; the cost of one chunk is then bounded by ``max_rounds``
+#: attempts of at most this many draws per row).
+EXACT_MAX_DRAWS = 1024
 
 
 class InputCompressor(nn.Module):
@@ -338,6 +342,12 @@ class CALM(nn.Module):
                 f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}"
             )
         check_int(max_new_tokens, "max_new_tokens", 1)
+        if sampler == "exact" and 1.0 / temperature > EXACT_MAX_DRAWS:
+            raise ValueError(
+                f"temperature={temperature:g} needs {int(1 / temperature)} identical head draws in "
+                f"a row per tempered chunk, more than the exact sampler's {EXACT_MAX_DRAWS} per "
+                "call; use sampler='batch' (a fixed cost at any temperature)"
+            )
         k, device = self.chunk_size, self.embedding.weight.device
         pad = pad_id if pad_id is not None else (0 if eos_id is None else eos_id)
         tokens, real = left_pad(prompts, pad, k, self.autoencoder.vocab_size, device)

@@ -120,6 +120,27 @@ def test_exact_sampler_fallback_is_reported(runs, capsys):
             == 0
         )
     assert "1 of 1 sampled steps could not be tempered" in capsys.readouterr().err
+    # a temperature whose cost has no useful bound is refused up front, naming the way out
+    with pytest.raises(ValueError, match="use sampler='batch'"):
+        run.model.generate([prompt], 4, temperature=1e-4)
+    assert generate.main([str(runs["calm"]), "--prompt", "the", "--temperature", "1e-6"]) == 2
+    assert "needs 1000000 identical head draws" in _error_line(capsys)
+    assert (
+        generate.main(
+            [
+                str(runs["calm"]),
+                "--prompt",
+                "the",
+                "--temperature",
+                "1e-6",
+                "--sampler",
+                "batch",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 def test_robustness_command(runs, capsys, tmp_path):

@@ -214,6 +214,10 @@ def test_bf16_training_step_and_generation_on_cuda():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
-    outs = [model.generate(tokens[:2, :8], 8, generator=torch.Generator("cuda").manual_seed(1),
-                           use_cache=cache).tokens for cache in (True, False)]
+    outs = [
+        model.generate(
+            tokens[:2, :8], 8, generator=torch.Generator("cuda").manual_seed(1), use_cache=cache
+        ).tokens
+        for cache in (True, False)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
