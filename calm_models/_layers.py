@@ -73,12 +73,7 @@ def check_int(value: object, name: str, minimum: int) -> int:
 
 
 def check_tokens(
-    tokens: object,
-    name: str = "tokens",
-    *,
-    vocab_size: int | None = None,
-    ndim: int | None = 2,
-    multiple_of: int = 1,
+    tokens: object, name: str = "tokens", *, vocab_size: int | None = None, ndim: int | None = 2, multiple_of: int = 1
 ) -> torch.Tensor:
     """Token ids as an int64 tensor, or a clear error naming ``name``.
 
@@ -114,11 +109,7 @@ def check_tokens(
     ):
         got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise TypeError(f"{name} must be an integer tensor of token ids, got {got}")
-    if (
-        (ndim is not None and tokens.dim() != ndim)
-        or tokens.dim() < 1
-        or tokens.shape[-1] % multiple_of
-    ):
+    if (ndim is not None and tokens.dim() != ndim) or tokens.dim() < 1 or tokens.shape[-1] % multiple_of:
         axes = "(b, L)" if ndim == 2 else "(*b, L)"
         extra = f" with L a multiple of {multiple_of}" if multiple_of > 1 else ""
         raise ValueError(f"{name} must have shape {axes}{extra}, got {tuple(tokens.shape)}")

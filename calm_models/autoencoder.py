@@ -168,9 +168,7 @@ class Autoencoder(nn.Module):
         return flops.autoencoder_flops(self)
 
     def _tokens(self, tokens: object, name: str = "tokens") -> torch.Tensor:
-        return check_tokens(
-            tokens, name, vocab_size=self.vocab_size, ndim=None, multiple_of=self.chunk_size
-        )
+        return check_tokens(tokens, name, vocab_size=self.vocab_size, ndim=None, multiple_of=self.chunk_size)
 
     def _encode_embeddings(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(emb.unflatten(1, (-1, self.chunk_size)))  # (N, C, K, H) in
@@ -197,9 +195,7 @@ class Autoencoder(nn.Module):
             or z.shape[-1] != self.latent_size
         ):
             got = f"{z.dtype} {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(
-                f"z must be a float tensor (*b, C, latent_size={self.latent_size}), got {got}"
-            )
+            raise ValueError(f"z must be a float tensor (*b, C, latent_size={self.latent_size}), got {got}")
         *batch, chunks, _ = z.shape
         logits = self._logits(z.reshape(-1, chunks, self.latent_size))  # (N, C*K, V)
         return logits.reshape(*batch, chunks * self.chunk_size, self.vocab_size)
@@ -231,9 +227,7 @@ class Autoencoder(nn.Module):
         """
         check_int(num_samples, "num_samples", 1)
         mean, log_std = self.encode(tokens)  # (*b, C, l)
-        noise = torch.randn(
-            (num_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
-        )
+        noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + log_std.exp() * noise
 
     @torch.no_grad()
@@ -244,16 +238,11 @@ class Autoencoder(nn.Module):
         noise_std = _check_sigma(noise_std, "noise_std")
         mean, _ = self.encode(tokens)
         if noise_std > 0:
-            mean = mean + noise_std * torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-            )
+            mean = mean + noise_std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.decode(mean).argmax(dim=-1)
 
     def loss(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         r"""The robust-autoencoder objective on token ids ``(*b, L)``.
 
@@ -282,17 +271,11 @@ class Autoencoder(nn.Module):
         tokens = self._tokens(tokens)
         flat = tokens.reshape(-1, tokens.shape[-1])  # (N, L)
         if flat.numel() == 0:
-            raise ValueError(
-                f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}")
         if self.training and cfg.random_token_prob > 0:
             u = torch.rand(flat.shape, generator=generator, device=flat.device)
             noise = torch.randint(
-                self.vocab_size,
-                flat.shape,
-                generator=generator,
-                device=flat.device,
-                dtype=flat.dtype,
+                self.vocab_size, flat.shape, generator=generator, device=flat.device, dtype=flat.dtype
             )
             flat = torch.where(u < cfg.random_token_prob, noise, flat)
         emb = self.embedding(flat)  # (N, L, H)
@@ -302,18 +285,12 @@ class Autoencoder(nn.Module):
         mean, log_std = (t.float() for t in self._encode_embeddings(emb))  # (N, C, l)
         z = mean
         if self.training:
-            z = mean + log_std.exp() * torch.randn(
-                mean.shape, generator=generator, device=mean.device
-            )
+            z = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
             if cfg.latent_dropout > 0:
                 u = torch.rand(z.shape, generator=generator, device=z.device)
                 z = z * (u >= cfg.latent_dropout).to(z.dtype) / (1 - cfg.latent_dropout)
         logits = self._logits(z).float()  # (N, L, V)
-        weight = (
-            torch.ones(flat.shape, device=flat.device)
-            if mask is None
-            else mask.reshape(flat.shape).float()
-        )
+        weight = torch.ones(flat.shape, device=flat.device) if mask is None else mask.reshape(flat.shape).float()
         ce_all = F.cross_entropy(logits.flatten(0, 1), flat.flatten(), reduction="none")
         ce = (ce_all * weight.flatten()).sum() / weight.sum().clamp_min(1)
         kl_dim = 0.5 * (mean.square() + (2 * log_std).exp() - 1) - log_std  # (N, C, l)
@@ -340,10 +317,7 @@ def _check_sigma(value: object, name: str) -> float:
 
 @torch.no_grad()
 def reconstruction_accuracy(
-    ae: Autoencoder,
-    tokens: torch.Tensor,
-    noise_std: float = 0.0,
-    generator: torch.Generator | None = None,
+    ae: Autoencoder, tokens: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Fraction (fp32 scalar) of the tokens ``(*b, L)`` that :meth:`Autoencoder.reconstruct` recovers.
 
@@ -386,9 +360,7 @@ def robustness_table(
             hits = []
             for sigma in sigma_list:
                 noise = (
-                    torch.randn(
-                        mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-                    )
+                    torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
                     if sigma > 0
                     else 0.0
                 )

@@ -25,19 +25,10 @@ from torch import nn
 from calm_models._layers import RMSNorm, SwiGLU
 from calm_models.config import BackboneConfig
 
-__all__ = [
-    "Backbone",
-    "BackboneConfig",
-    "KVCache",
-    "apply_rotary",
-    "causal_mask",
-    "padded_causal_mask",
-]
+__all__ = ["Backbone", "BackboneConfig", "KVCache", "apply_rotary", "causal_mask", "padded_causal_mask"]
 
 
-def causal_mask(
-    q_len: int, kv_len: int, *, device: torch.device | str | None = None
-) -> torch.Tensor:
+def causal_mask(q_len: int, kv_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """``(t, s)`` bool mask for ``t`` new queries after ``s - t`` cached keys (query ``i`` sits at ``s - t + i``).
 
     Example:
@@ -83,9 +74,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def apply_rotary(
-    x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     r"""Rotary position embedding of queries or keys ``(b, heads, t, d)`` at ``position_ids (b|1, t)``.
 
     Pair ``i`` of the two halves is rotated by ``pos * theta^(-2i/d)``, so
@@ -148,9 +137,7 @@ class KVCache:
         """Capacity in positions."""
         return self.k[0].shape[2]
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``t`` new keys/values ``(b, G, t, d)`` of one layer; return all ``(b, G, length + t, d)``."""
         if (
             k.shape != v.shape
@@ -160,14 +147,12 @@ class KVCache:
         ):
             b, g, _, d = self.k[layer].shape
             raise ValueError(
-                f"KVCache.update: k and v must be ({b}, {g}, t, {d}), got "
-                f"{tuple(k.shape)} and {tuple(v.shape)}"
+                f"KVCache.update: k and v must be ({b}, {g}, t, {d}), got {tuple(k.shape)} and {tuple(v.shape)}"
             )
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(
-                f"KVCache: writing {k.shape[2]} positions at length {self.length} exceeds max_len "
-                f"{self.max_len}"
+                f"KVCache: writing {k.shape[2]} positions at length {self.length} exceeds max_len {self.max_len}"
             )
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
@@ -176,9 +161,7 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as valid (after every layer was updated)."""
         if n < 0 or self.length + n > self.max_len:
-            raise ValueError(
-                f"KVCache.advance: n must be in [0, {self.max_len - self.length}], got {n}"
-            )
+            raise ValueError(f"KVCache.advance: n must be in [0, {self.max_len - self.length}], got {n}")
         self.length += n
 
     def select(self, rows: torch.Tensor) -> KVCache:
@@ -190,9 +173,7 @@ class KVCache:
             or rows.is_floating_point()
             or rows.dtype == torch.bool
         ):
-            raise ValueError(
-                f"KVCache.select: rows must be a non-empty 1-D integer tensor, got {rows!r}"
-            )
+            raise ValueError(f"KVCache.select: rows must be a non-empty 1-D integer tensor, got {rows!r}")
         rows = rows.to(self.k[0].device)
         self.k = [buf.index_select(0, rows) for buf in self.k]
         self.v = [buf.index_select(0, rows) for buf in self.v]
@@ -219,21 +200,14 @@ class _Attention(nn.Module):
     def forward(self, x, cos_sin, mask, is_causal, cache, layer):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, t, d)
-        k = (
-            self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (b, G, t, d)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, G, t, d)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, *cos_sin), _rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (b, G, s, d)
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (b, t, h)
 

@@ -103,18 +103,12 @@ class TokenLM(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits ``(b, t, V)`` of ids ``(b, t)``; ``logits[:, i]`` predicts token ``i + 1``."""
         hidden = self.backbone(
-            self.embed(self._tokens(tokens)),
-            position_ids=position_ids,
-            attn_mask=attn_mask,
-            cache=cache,
+            self.embed(self._tokens(tokens)), position_ids=position_ids, attn_mask=attn_mask, cache=cache
         )
         return F.linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def loss(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Mean next-token cross-entropy (fp32 softmax) and greedy accuracy over blocks ``(b, L)``.
 
@@ -125,18 +119,11 @@ class TokenLM(nn.Module):
             raise ValueError(f"tokens must have L >= 2, got shape {tuple(tokens.shape)}")
         logits = self(tokens[:, :-1]).float()  # (b, L-1, V)
         targets = tokens[:, 1:]
-        weight = (
-            torch.ones(targets.shape, device=targets.device)
-            if mask is None
-            else mask[:, 1:].float()
-        )
+        weight = torch.ones(targets.shape, device=targets.device) if mask is None else mask[:, 1:].float()
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         count = weight.sum().clamp_min(1)
         hits = (logits.detach().argmax(-1) == targets).float()
-        return {
-            "loss": (ce * weight.flatten()).sum() / count,
-            "accuracy": (hits * weight).sum() / count,
-        }
+        return {"loss": (ce * weight.flatten()).sum() / count, "accuracy": (hits * weight).sum() / count}
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:func:`calm_models.flops.token_lm_flops`)."""
@@ -204,9 +191,7 @@ class TokenLM(nn.Module):
             >>> model.brier_estimates(tokens, torch.tensor([4, 6])).shape
             torch.Size([2, 2, 4])
         """
-        return self.brier_terms(
-            tokens, positions, max_order=max_order, generator=generator, method=method
-        ).estimates()
+        return self.brier_terms(tokens, positions, max_order=max_order, generator=generator, method=method).estimates()
 
     def _rollouts_batched(self, start, ends, u, cache, length):
         b, p, n = u.shape
@@ -221,10 +206,7 @@ class TokenLM(nn.Module):
             sample_lp.append(lp)
             if j + 1 < n:
                 logits = self(
-                    x,
-                    position_ids=(ends + j + 1)[None],
-                    attn_mask=mask[..., : length + (j + 1) * p],
-                    cache=cache,
+                    x, position_ids=(ends + j + 1)[None], attn_mask=mask[..., : length + (j + 1) * p], cache=cache
                 )
         return torch.stack(samples, -1), torch.stack(sample_lp, -1)
 
@@ -305,10 +287,7 @@ class TokenLM(nn.Module):
             start = end - 1 if cache is not None and step > 0 else 0
             mask = padded_causal_mask(key_valid[active, :end], end - start) if padded else None
             logits = self(
-                seq[active, start:end],
-                position_ids=position_ids[active, start:end],
-                attn_mask=mask,
-                cache=cache,
+                seq[active, start:end], position_ids=position_ids[active, start:end], attn_mask=mask, cache=cache
             )[:, -1]  # (a, V)
             nxt = _sample_next(logits.to(work), temperature, top_k, u[active])
             seq[active, end] = nxt
@@ -348,18 +327,14 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return j * width + (inner <= rest[..., None]).sum(-1)
 
 
-def _sample_with_logprob(
-    logits: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_with_logprob(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample from ``softmax(logits)`` (in ``u.dtype``) and return ``(x, log P(x))``."""
     probs = logits.to(u.dtype).softmax(-1)
     x = _inverse_cdf(probs, u)
     return x, probs.gather(-1, x[..., None]).squeeze(-1).log()
 
 
-def _sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, u: torch.Tensor
-) -> torch.Tensor:
+def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``logits (a, V)`` with uniforms ``u (a,)``."""
     if top_k is not None:
         logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)

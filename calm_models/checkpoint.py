@@ -70,12 +70,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
-MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = (
-    "model.safetensors",
-    "train_state.pt",
-    "config.yaml",
-    "meta.json",
-)
+MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = ("model.safetensors", "train_state.pt", "config.yaml", "meta.json")
 _TRANSIENT = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 _AUTO_NAME = re.compile(r"^step_\d+$")
 
@@ -114,13 +109,7 @@ def capture_rng_state() -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "numpy": [
-            str(kind),
-            torch.from_numpy(keys.astype(np.int64)),
-            int(pos),
-            int(has_gauss),
-            float(cached),
-        ],
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -375,10 +364,7 @@ def save_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -416,9 +402,7 @@ def save_checkpoint(
         )
         atomic_write(
             tmp / CONFIG_FILE,
-            yaml.safe_dump(
-                config_to_dict(config) if config is not None else {}, sort_keys=False
-            ).encode(),
+            yaml.safe_dump(config_to_dict(config) if config is not None else {}, sort_keys=False).encode(),
         )
         files = {
             f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
@@ -447,10 +431,7 @@ def save_checkpoint(
             _write_latest(root, name)
         if keep_last:
             auto = [p for p in list_checkpoints(root) if _AUTO_NAME.match(p.name)]
-            protect = {
-                name,
-                (root / "latest").read_text().strip() if (root / "latest").exists() else name,
-            }
+            protect = {name, (root / "latest").read_text().strip() if (root / "latest").exists() else name}
             for stale in auto[: max(0, len(auto) - keep_last)]:
                 if stale.name not in protect:
                     trash = stale.with_name(f"{stale.name}.del-{os.getpid()}")
@@ -479,8 +460,7 @@ def _check_file(ckpt: Path, meta: dict[str, Any], name: str, verify: bool) -> Pa
         raise CheckpointError(f"{file} is missing")
     if file.stat().st_size != info.get("size"):
         raise CheckpointError(
-            f"{file} is truncated or corrupt: {file.stat().st_size} bytes, "
-            f"expected {info.get('size')}"
+            f"{file} is truncated or corrupt: {file.stat().st_size} bytes, expected {info.get('size')}"
         )
     if verify and _sha256(file) != info.get("sha256"):
         raise CheckpointError(f"{file} is corrupt: sha256 checksum mismatch")
@@ -495,9 +475,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
             aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
             state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"{file} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
     if state and all(k.startswith("module.") for k in state):  # written from a DDP module
         state = {k[len("module.") :]: v for k, v in state.items()}
     return {**state, **{alias: state[kept] for alias, kept in aliases.items() if kept in state}}
@@ -547,9 +525,7 @@ def load_weights(
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     if strict and meta.get("model_class") not in (None, _class_name(model)):
-        raise CheckpointError(
-            f"{ckpt} holds a {meta['model_class']} but the model is a {_class_name(model)}"
-        )
+        raise CheckpointError(f"{ckpt} holds a {meta['model_class']} but the model is a {_class_name(model)}")
     _apply_weights(_check_file(ckpt, meta, MODEL_FILE, verify), model, strict)
     return meta
 
@@ -595,17 +571,12 @@ def load_checkpoint(
         diffs = diff_configs(saved, config, sections)
         if diffs:
             flat_saved, flat_now = flatten_config(saved), flatten_config(config)
-            shown = "; ".join(
-                f"{p} = {flat_saved[p]!r} in the checkpoint but {flat_now[p]!r} now"
-                for p in diffs[:8]
-            )
+            shown = "; ".join(f"{p} = {flat_saved[p]!r} in the checkpoint but {flat_now[p]!r} now" for p in diffs[:8])
             raise CheckpointError(f"{ckpt} was saved with a different configuration: {shown}")
     try:
         payload = torch.load(files[STATE_FILE], map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and EOF errors all mean a corrupt file
-        raise CheckpointError(
-            f"{files[STATE_FILE]} is truncated or corrupt ({type(exc).__name__})"
-        ) from None
+        raise CheckpointError(f"{files[STATE_FILE]} is truncated or corrupt ({type(exc).__name__})") from None
     load_weights(ckpt, model, verify=False)
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is None:
@@ -618,7 +589,5 @@ def load_checkpoint(
             else:
                 scheduler.load_state_dict(payload[key])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AssertionError) as exc:
-            raise CheckpointError(
-                f"cannot restore the {key} from {files[STATE_FILE]}: {exc}"
-            ) from None
+            raise CheckpointError(f"cannot restore the {key} from {files[STATE_FILE]}: {exc}") from None
     return payload["train_state"]

@@ -104,14 +104,7 @@ def _interval(obj: Any, name: str, low: float, high: float, closed: str = "[)") 
 
 
 _OPTIONAL_INTS = frozenset(
-    {
-        "intermediate_size",
-        "num_kv_heads",
-        "ffn_size",
-        "compress_ffn_size",
-        "max_train_bytes",
-        "max_valid_bytes",
-    }
+    {"intermediate_size", "num_kv_heads", "ffn_size", "compress_ffn_size", "max_train_bytes", "max_valid_bytes"}
 )
 
 # ------------------------------------------------------------------------------------ models
@@ -165,9 +158,7 @@ class AutoencoderConfig:
     projection_bias: bool = False
 
     def __post_init__(self) -> None:
-        _ints(
-            self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size"
-        )
+        _ints(self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size")
         _ints(self, 0, "num_token_layers", "num_chunk_layers")
         for name in ("kl_weight", "kl_clamp"):
             _interval(self, name, 0, math.inf)
@@ -215,16 +206,7 @@ class BackboneConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _ints(
-            self,
-            1,
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "ffn_size",
-            "max_seq_len",
-        )
+        _ints(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "max_seq_len")
         for name in ("rope_theta", "norm_eps", "init_std"):
             _interval(self, name, 0, math.inf, "()")
         _need(
@@ -233,13 +215,9 @@ class BackboneConfig:
         )
         _need(
             self.num_heads % self.resolved_kv_heads == 0,
-            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-            f"({self.resolved_kv_heads})",
+            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.resolved_kv_heads})",
         )
-        _need(
-            self.head_dim % 2 == 0,
-            f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings",
-        )
+        _need(self.head_dim % 2 == 0, f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings")
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -305,15 +283,7 @@ class HeadConfig:
         _choice(self, "type", HEAD_TYPES)
         _choice(self, "flow_solver", ("euler", "midpoint"))
         _choice(self, "flow_time_dist", ("uniform", "logit_normal"))
-        _ints(
-            self,
-            1,
-            "hidden_size",
-            "noise_size",
-            "max_target_draws",
-            "flow_steps",
-            "diffusion_steps",
-        )
+        _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps", "diffusion_steps")
         _ints(self, 0, "num_blocks")
         _ints(self, 2, "num_samples", "diffusion_train_steps")
         _need(
@@ -542,12 +512,8 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _ints(
-            self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride", "keep_last"
-        )
-        _ints(
-            self, 0, "eval_every", "save_every", "log_every", "num_threads", "max_nonfinite_skips"
-        )
+        _ints(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride", "keep_last")
+        _ints(self, 0, "eval_every", "save_every", "log_every", "num_threads", "max_nonfinite_skips")
         if self.max_time_s is not None:
             _interval(self, "max_time_s", 0, math.inf, "()")
         _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
@@ -584,15 +550,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice(self, "stage", STAGES)
         k = self.chunk_size
-        _need(
-            self.data.block_len % k == 0,
-            f"data.block_len={self.data.block_len} must be a multiple of K={k}",
-        )
+        _need(self.data.block_len % k == 0, f"data.block_len={self.data.block_len} must be a multiple of K={k}")
         if self.stage == "calm":
-            _need(
-                bool(self.autoencoder_path),
-                "autoencoder_path: the calm stage needs a trained autoencoder run",
-            )
+            _need(bool(self.autoencoder_path), "autoencoder_path: the calm stage needs a trained autoencoder run")
             _need(self.data.block_len >= 2 * k, f"data.block_len must hold 2 chunks of {k} tokens")
         if self.stage != "autoencoder":
             _need(
@@ -608,11 +568,7 @@ class TrainConfig:
 
     def model_sections(self) -> list[str]:
         """Sections that define this stage's weights (they must match when resuming)."""
-        return {
-            "autoencoder": ["autoencoder"],
-            "calm": ["autoencoder", "calm"],
-            "ar": ["baseline"],
-        }[self.stage]
+        return {"autoencoder": ["autoencoder"], "calm": ["autoencoder", "calm"], "ar": ["baseline"]}[self.stage]
 
 
 @dataclass
@@ -631,9 +587,7 @@ class PipelineConfig:
 
     out_dir: str = "runs/pipeline"
     ae_stage: TrainConfig = field(default_factory=TrainConfig)
-    lm_stage: TrainConfig = field(
-        default_factory=lambda: TrainConfig(stage="calm", autoencoder_path="-")
-    )
+    lm_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="calm", autoencoder_path="-"))
     prompt: str = "def "
     sample_tokens: int = 64
     temperature: float = 1.0
@@ -650,9 +604,7 @@ class PipelineConfig:
 
 def _tiny(stage: str) -> TrainConfig:
     """Trains on a 2-core CPU in minutes on the embedded standard-library corpus."""
-    backbone = BackboneConfig(
-        hidden_size=256, num_layers=4, num_heads=4, ffn_size=704, max_seq_len=256
-    )
+    backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704, max_seq_len=256)
     lm = stage != "autoencoder"
     return TrainConfig(
         stage=stage,
@@ -664,9 +616,7 @@ def _tiny(stage: str) -> TrainConfig:
             max_valid_bytes=300_000,
             tokenizer_train_bytes=3_000_000,
         ),
-        autoencoder=AutoencoderConfig(
-            vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02
-        ),
+        autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2)),
         baseline=backbone,
         optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]),
@@ -696,19 +646,14 @@ def _small(stage: str) -> TrainConfig:
         ),
         autoencoder=replace(cfg.autoencoder, vocab_size=4096),
         run=replace(
-            cfg.run,
-            out_dir=f"runs/small-{stage}",
-            eval_every=500,
-            steps=3300 if stage == "autoencoder" else 3000,
+            cfg.run, out_dir=f"runs/small-{stage}", eval_every=500, steps=3300 if stage == "autoencoder" else 3000
         ),
     )
 
 
 def _m(stage: str) -> TrainConfig:
     """The CALM paper's M size (K=4, l=128; a GPU preset)."""
-    backbone = BackboneConfig(
-        hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752, max_seq_len=2048
-    )
+    backbone = BackboneConfig(hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752, max_seq_len=2048)
     return TrainConfig(
         stage=stage,
         autoencoder_path="-" if stage == "calm" else None,
@@ -791,9 +736,7 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if suffix not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(
-            f"unsupported config file type {suffix!r} for {path}; use .yaml, .yml or .toml"
-        )
+        raise ConfigError(f"unsupported config file type {suffix!r} for {path}; use .yaml, .yml or .toml")
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
@@ -930,7 +873,5 @@ def diff_configs(a: Any, b: Any, sections: list[str] | None = None) -> list[str]
     """
     fa, fb = flatten_config(a), flatten_config(b)
     return sorted(
-        p
-        for p in fa.keys() & fb.keys()
-        if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p]
+        p for p in fa.keys() & fb.keys() if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p]
     )

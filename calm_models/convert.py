@@ -46,12 +46,7 @@ from calm_models.runs import build_model
 
 __all__ = ["ConversionError", "convert", "main"]
 
-_SWIGLU = {
-    "mlp.gate_proj": "ffn.w1",
-    "mlp.up_proj": "ffn.w3",
-    "mlp.down_proj": "ffn.w2",
-    "layernorm": "norm",
-}
+_SWIGLU = {"mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2", "layernorm": "norm"}
 _BACKBONE = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
@@ -93,9 +88,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             else:
                 state.update(torch.load(folder / name, map_location="cpu", weights_only=True))
         except Exception as exc:  # a truncated or foreign file
-            raise ConversionError(
-                f"{folder / name}: cannot read it ({type(exc).__name__})"
-            ) from None
+            raise ConversionError(f"{folder / name}: cannot read it ({type(exc).__name__})") from None
     return state
 
 
@@ -269,14 +262,11 @@ def convert(
     elif any(k.startswith("ae_model.") for k in state):
         ae_json = (ae_dir or Path(cfg.get("ae_path") or "-")) / "config.json"
         ae_cfg = _ae_config(
-            _read_json(ae_json) if ae_json.is_file() else _ae_from_weights(state, "ae_model.", cfg),
-            src,
+            _read_json(ae_json) if ae_json.is_file() else _ae_from_weights(state, "ae_model.", cfg), src
         )
         ae_state, ae_prefix = state, "ae_model."
     elif ae_dir is None:
-        raise ConversionError(
-            f"{src} holds no autoencoder weights (ae_model.*); pass --autoencoder AE_DIR"
-        )
+        raise ConversionError(f"{src} holds no autoencoder weights (ae_model.*); pass --autoencoder AE_DIR")
     else:
         ae_cfg, ae_state, ae_prefix = (
             _ae_config(_read_json(ae_dir / "config.json"), ae_dir),
@@ -284,16 +274,12 @@ def convert(
             "",
         )
     stage = "autoencoder" if kind == "Autoencoder" else "calm"
-    weights = _ae_keys(
-        ae_state, ae_cfg, ae_prefix, "" if stage == "autoencoder" else "autoencoder."
-    )
+    weights = _ae_keys(ae_state, ae_cfg, ae_prefix, "" if stage == "autoencoder" else "autoencoder.")
     run_cfg = TrainConfig(
         stage=stage,
         autoencoder=ae_cfg,
         autoencoder_path=str(ae_dir or src) if stage == "calm" else None,
-        data=DataConfig(
-            vocab_size=max(257, ae_cfg.vocab_size), block_len=block_len, eos_token=eos_token
-        ),
+        data=DataConfig(vocab_size=max(257, ae_cfg.vocab_size), block_len=block_len, eos_token=eos_token),
     )
     if stage == "calm":
         run_cfg = replace(run_cfg, calm=_calm_config(cfg, ae_cfg, src))
@@ -303,10 +289,7 @@ def convert(
     except DataError as exc:
         raise ConversionError(str(exc)) from None
     if tok.vocab_size != ae_cfg.vocab_size:
-        raise ConversionError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model "
-            f"vocab_size={ae_cfg.vocab_size}"
-        )
+        raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model vocab_size={ae_cfg.vocab_size}")
     model = build_model(run_cfg, ae_cfg.vocab_size)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -328,9 +311,7 @@ def convert(
     out.mkdir(parents=True)
     save_config(run_cfg, out / "config.yaml")
     tok.save(out / "tokenizer.json")
-    ckpt.save_checkpoint(
-        out, step=0, model=model, config=run_cfg, train_state={"converted": str(src)}
-    )
+    ckpt.save_checkpoint(out, step=0, model=model, config=run_cfg, train_state={"converted": str(src)})
     return out
 
 
@@ -348,9 +329,7 @@ def _ae_from_weights(state: dict[str, torch.Tensor], prefix: str, calm: dict) ->
         "hidden_size": embed.shape[1],
         "patch_size": calm["patch_size"],
         "latent_size": calm["latent_size"],
-        "intermediate_size": state[prefix + "encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[
-            0
-        ],
+        "intermediate_size": state[prefix + "encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[0],
         "num_encoder_layers": count("encoder"),
         "num_decoder_layers": count("decoder"),
         "rms_norm_eps": calm.get("rms_norm_eps", 1e-6),
@@ -359,9 +338,7 @@ def _ae_from_weights(state: dict[str, torch.Tensor], prefix: str, calm: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m calm_models.convert``; errors print one line and exit 2."""
-    parser = argparse.ArgumentParser(
-        prog="python -m calm_models.convert", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m calm_models.convert", description=__doc__.split("\n")[0])
     parser.add_argument("reference_dir")
     parser.add_argument("out_run")
     parser.add_argument("--autoencoder", default=None, help="the autoencoder's folder")

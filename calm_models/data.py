@@ -66,9 +66,7 @@ _DEFAULT_EOS = "<|endoftext|>"
 _CACHE_VERSION = 2
 _ENCODE_BATCH_CHARS, _ENCODE_BATCH_DOCS = 1 << 20, 1024
 _WIKI_TITLE = re.compile(r"^ = (?!=)(.*?)(?<!=) = $")  # " = Title = ", not " = = Sub = = "
-_STDLIB_EXCLUDED = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-)
+_STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
 
 class DataError(ValueError):
@@ -111,13 +109,9 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if path.is_file():
             matches = [path]
         elif path.is_dir():
-            raise DataError(
-                f"{text}: is a directory; pass a glob pattern such as '{text}/**/*.txt'"
-            )
+            raise DataError(f"{text}: is a directory; pass a glob pattern such as '{text}/**/*.txt'")
         elif any(c in text for c in "*?["):
-            matches = [
-                m for m in sorted(Path(m) for m in _glob.glob(text, recursive=True)) if m.is_file()
-            ]
+            matches = [m for m in sorted(Path(m) for m in _glob.glob(text, recursive=True)) if m.is_file()]
             if not matches:
                 raise DataError(f"{text}: the glob pattern matches no file")
         else:
@@ -173,15 +167,7 @@ def _read_text(path: Path, split_paragraphs: bool, errors: str) -> Iterator[Docu
                 start = start if block else lineno
                 block.append(line)
             elif block:
-                text = "".join(block)
-                text = (
-                    text[:-2]
-                    if text.endswith("\r\n")
-                    else text[:-1]
-                    if text.endswith("\n")
-                    else text
-                )
-                yield Document(text, f"{path}:{start}")
+                yield Document(re.sub(r"\r?\n$", "", "".join(block)), f"{path}:{start}")
                 block = []
 
 
@@ -194,22 +180,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             try:
                 record = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
             except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"
-                ) from None
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(
-                    f"{where}: expected a JSON object with a {text_field!r} field, "
-                    f"got {type(record).__name__}"
+                    f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
                 )
             if text_field not in record:
                 raise DataError(f"{where}: no {text_field!r} field (keys: {sorted(record)})")
             if not isinstance(record[text_field], str):
                 raise DataError(
-                    f"{where}: the {text_field!r} field must be a string, got "
-                    f"{type(record[text_field]).__name__}"
+                    f"{where}: the {text_field!r} field must be a string, got {type(record[text_field]).__name__}"
                 )
             yield Document(record[text_field], where)
 
@@ -257,9 +239,7 @@ def read_documents(
         [('one', 'a.jsonl:1'), ('two', 'a.jsonl:3')]
     """
     if format not in ("auto", "text", "jsonl", "wikitext", "python"):
-        raise DataError(
-            f"format: expected one of auto, text, jsonl, wikitext, python, got {format!r}"
-        )
+        raise DataError(f"format: expected one of auto, text, jsonl, wikitext, python, got {format!r}")
     if errors not in ("strict", "replace"):
         raise DataError(f"errors: expected 'strict' or 'replace', got {errors!r}")
     files = expand_paths(paths)
@@ -378,9 +358,7 @@ class TextTokenizer:
             self._tok.encode_special_tokens = True
         self.fingerprint = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
         if eos_token is None:
-            eos_token = next(
-                (t for t in EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None
-            )
+            eos_token = next((t for t in EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
             if eos_token is None:
                 raise DataError(
                     f"no end-of-sequence token found (tried {list(EOS_CANDIDATES)}); "
@@ -392,9 +370,7 @@ class TextTokenizer:
         self.eos_id = self.pad_id = self._tok.token_to_id(eos_token)
 
     @classmethod
-    def train_bpe(
-        cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
-    ) -> TextTokenizer:
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> TextTokenizer:
         """A byte-level BPE (GPT-2 pre-tokenizer) of ``vocab_size`` tokens; ``<|endoftext|>`` is id 0.
 
         Example:
@@ -404,9 +380,7 @@ class TextTokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if not isinstance(vocab_size, int) or vocab_size < 257:
-            raise DataError(
-                f"vocab_size: expected an int >= 257 (256 bytes + EOS), got {vocab_size!r}"
-            )
+            raise DataError(f"vocab_size: expected an int >= 257 (256 bytes + EOS), got {vocab_size!r}")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
@@ -460,9 +434,7 @@ class TextTokenizer:
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [enc.ids for enc in fast(list(texts), add_special_tokens=False)]
 
-    def decode(
-        self, ids: Sequence[int] | np.ndarray | torch.Tensor, *, skip_special_tokens: bool = False
-    ) -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
         """Text of 1-D ids; out-of-range ids are a ``ValueError`` naming the first."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
@@ -472,8 +444,7 @@ class TextTokenizer:
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bad.any():
             raise ValueError(
-                f"ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])} at "
-                f"index {int(bad.argmax())}"
+                f"ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])} at index {int(bad.argmax())}"
             )
         return self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
@@ -494,9 +465,7 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _encoded_batches(
-    tokenizer: TextTokenizer, docs: Iterable[Document]
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _encoded_batches(tokenizer: TextTokenizer, docs: Iterable[Document]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(tokens, each document followed by EOS; lengths)`` per batch of documents."""
     dtype, eos = _token_dtype(tokenizer.vocab_size), [tokenizer.eos_id]
     texts: list[str] = []
@@ -505,9 +474,7 @@ def _encoded_batches(
         if doc is not None:
             texts.append(doc.text)
             chars += len(doc.text)
-        if texts and (
-            doc is None or chars >= _ENCODE_BATCH_CHARS or len(texts) >= _ENCODE_BATCH_DOCS
-        ):
+        if texts and (doc is None or chars >= _ENCODE_BATCH_CHARS or len(texts) >= _ENCODE_BATCH_DOCS):
             ids = tokenizer.encode_batch(texts)
             lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
             flat = itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids)
@@ -519,9 +486,7 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
-def encode_documents(
-    tokenizer: TextTokenizer, docs: Iterable[Document | str]
-) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(tokenizer: TextTokenizer, docs: Iterable[Document | str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise in memory into one stream with an EOS after every document.
 
     Returns:
@@ -535,11 +500,7 @@ def encode_documents(
     """
     stream = (d if isinstance(d, Document) else Document(d, "<str>") for d in docs)
     parts = list(_encoded_batches(tokenizer, stream))
-    tokens = (
-        np.concatenate([p[0] for p in parts])
-        if parts
-        else np.zeros(0, _token_dtype(tokenizer.vocab_size))
-    )
+    tokens = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, _token_dtype(tokenizer.vocab_size))
     lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     return tokens, _starts(lengths)
 
@@ -582,9 +543,7 @@ def _open_cache(tokens_path: Path, docs_path: Path, meta_path: Path) -> TokenCac
         dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
         if tokens_path.stat().st_size != n * dtype.itemsize:
             raise ValueError(f"{tokens_path.stat().st_size} bytes, expected {n * dtype.itemsize}")
-        tokens = (
-            np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-        )
+        tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
         starts = np.load(docs_path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
@@ -628,38 +587,23 @@ def build_token_cache(
     """
     files = expand_paths(paths)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    options = {
-        "format": format,
-        "split_paragraphs": bool(split_paragraphs),
-        "text_field": text_field,
-        "errors": errors,
-        "max_bytes": max_bytes,
-    }
-    key_data = {
-        "version": _CACHE_VERSION,
-        "tokenizer": tokenizer.fingerprint,
-        "options": options,
-        "eos_id": tokenizer.eos_id,
-        "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    paths3 = (
-        cache_dir / f"tokens-{key}.bin",
-        cache_dir / f"docs-{key}.npy",
-        cache_dir / f"meta-{key}.json",
+    reader = dict(format=format, split_paragraphs=bool(split_paragraphs), text_field=text_field, errors=errors)
+    files_key = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    key_data = dict(
+        version=_CACHE_VERSION,
+        tokenizer=tokenizer.fingerprint,
+        eos_id=tokenizer.eos_id,
+        options={**reader, "max_bytes": max_bytes},
+        files=files_key,
     )
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
+    paths3 = (cache_dir / f"tokens-{key}.bin", cache_dir / f"docs-{key}.npy", cache_dir / f"meta-{key}.json")
     if paths3[2].is_file():
         logger.info("reusing token cache %s", paths3[0])
         return _open_cache(*paths3)
     cache_dir.mkdir(parents=True, exist_ok=True)
     docs = _limit_bytes(
-        read_documents(
-            files,
-            format=format,
-            split_paragraphs=split_paragraphs,
-            text_field=text_field,
-            errors=errors,
-        ),
+        read_documents(files, format=format, split_paragraphs=split_paragraphs, text_field=text_field, errors=errors),
         max_bytes,
     )
     stats = {"num_tokens": 0, "num_documents": 0, "text_bytes": 0, "truncated": False}
@@ -674,9 +618,7 @@ def build_token_cache(
 
     def write_tokens(fh) -> None:
         with tqdm(
-            desc=f"tokenising {len(files)} file(s)",
-            unit="doc",
-            disable=None if progress is None else not progress,
+            desc=f"tokenising {len(files)} file(s)", unit="doc", disable=None if progress is None else not progress
         ) as bar:
             for tokens, lens in _encoded_batches(tokenizer, counted(docs)):
                 fh.write(tokens.tobytes())
@@ -724,14 +666,9 @@ class PackedBlocks:
         Batch(tokens=tensor([[8, 9, 0, 0]]), mask=tensor([[ True,  True, False, False]]))
     """
 
-    def __init__(
-        self, tokens: np.ndarray, block_len: int, chunk_size: int, *, pad_id: int | None = None
-    ) -> None:
+    def __init__(self, tokens: np.ndarray, block_len: int, chunk_size: int, *, pad_id: int | None = None) -> None:
         if not isinstance(block_len, int) or block_len <= 0 or block_len % chunk_size:
-            raise DataError(
-                f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
-                f"got {block_len!r}"
-            )
+            raise DataError(f"block_len: expected a positive multiple of chunk_size={chunk_size}, got {block_len!r}")
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
         if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or len(tokens) == 0:
@@ -744,9 +681,7 @@ class PackedBlocks:
         self._num_full = self.num_tokens // block_len
         self._full = tokens[: self._num_full * block_len].reshape(self._num_full, block_len)
         rest = tokens[self._num_full * block_len :]
-        self._tail = np.concatenate([rest, np.full(block_len - len(rest), self.pad_id)]).astype(
-            np.int64
-        )
+        self._tail = np.concatenate([rest, np.full(block_len - len(rest), self.pad_id)]).astype(np.int64)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -910,18 +845,12 @@ def prepare_data(
         (300, 64, True)
     """
     if cfg.block_len % chunk_size:
-        raise DataError(
-            f"block_len: expected a positive multiple of chunk_size={chunk_size}, "
-            f"got {cfg.block_len}"
-        )
+        raise DataError(f"block_len: expected a positive multiple of chunk_size={chunk_size}, got {cfg.block_len}")
     run_dir = Path(run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = {
-        "format": cfg.format,
-        "split_paragraphs": cfg.split_paragraphs,
-        "text_field": cfg.text_field,
-        "errors": cfg.errors,
-    }
+    options = dict(
+        format=cfg.format, split_paragraphs=cfg.split_paragraphs, text_field=cfg.text_field, errors=cfg.errors
+    )
     stdlib = {**options, "format": "python"}
     if cfg.train_files:
         train_paths, train_options = expand_paths(cfg.train_files), options
@@ -930,18 +859,14 @@ def prepare_data(
     tokenizer = _run_tokenizer(cfg, run_dir, train_paths, train_options)
 
     def cache(paths, opts, max_bytes):
-        return build_token_cache(
-            tokenizer, paths, cfg.cache_dir, max_bytes=max_bytes, progress=progress, **opts
-        ).tokens
+        return build_token_cache(tokenizer, paths, cfg.cache_dir, max_bytes=max_bytes, progress=progress, **opts).tokens
 
     train_tokens = cache(train_paths, train_options, cfg.max_train_bytes)
     if cfg.valid_files:
         valid_tokens = cache(cfg.valid_files, options, cfg.max_valid_bytes)
     elif not cfg.train_files:
         valid_tokens = cache(
-            stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes),
-            stdlib,
-            cfg.max_valid_bytes,
+            stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes), stdlib, cfg.max_valid_bytes
         )
     else:
         n = len(train_tokens)
@@ -954,14 +879,11 @@ def prepare_data(
             )
         train_tokens, valid_tokens = train_tokens[: n - held], train_tokens[n - held :]
     return tokenizer, *(
-        PackedBlocks(t, cfg.block_len, chunk_size, pad_id=tokenizer.eos_id)
-        for t in (train_tokens, valid_tokens)
+        PackedBlocks(t, cfg.block_len, chunk_size, pad_id=tokenizer.eos_id) for t in (train_tokens, valid_tokens)
     )
 
 
-def _run_tokenizer(
-    cfg: DataConfig, run_dir: Path, train_paths: list[Path], options: dict[str, Any]
-) -> TextTokenizer:
+def _run_tokenizer(cfg: DataConfig, run_dir: Path, train_paths: list[Path], options: dict[str, Any]) -> TextTokenizer:
     saved = run_dir / "tokenizer.json"
     if cfg.tokenizer is not None:
         tokenizer = TextTokenizer.load(cfg.tokenizer, eos_token=cfg.eos_token)

@@ -69,14 +69,10 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                "device 'cuda' was requested but CUDA is not available on this "
-                "machine; use device=cpu or device=auto"
+                "device 'cuda' was requested but CUDA is not available on this machine; use device=cpu or device=auto"
             )
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
-                "device(s) are visible"
-            )
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         return torch.device("cuda", local_rank)
     if device == "mps" and not mps:
         raise ValueError("device 'mps' was requested but MPS is not available; use device=cpu")
@@ -95,9 +91,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """
     env = {name: os.environ.get(name, "") for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     try:
-        world_size, rank, local_rank = (
-            int(env[n] or d) for n, d in zip(env, (1, 0, 0), strict=True)
-        )
+        world_size, rank, local_rank = (int(env[n] or d) for n, d in zip(env, (1, 0, 0), strict=True))
     except ValueError:
         raise ValueError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got {env}") from None
     if _initialized():
@@ -112,9 +106,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if missing:
             raise ValueError(f"WORLD_SIZE={world_size} but {missing[0]} is not set; use torchrun")
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(
-            "nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size, **kwargs
-        )
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank, local_rank, world_size, dev)
 
 
@@ -180,11 +172,7 @@ def wrap_model(
     kwargs = (
         {}
         if fsdp_param_dtype is None
-        else {
-            "mp_policy": MixedPrecisionPolicy(
-                param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32
-            )
-        }
+        else {"mp_policy": MixedPrecisionPolicy(param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32)}
     )
     classes = tuple(fsdp_modules)
     for sub in list(model.modules())[1:]:
@@ -208,9 +196,7 @@ def autocast_context(device: torch.device | str, precision: str = "auto"):
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be one of auto, bf16, fp32, got {precision!r}")
     device = torch.device(device)
-    cuda_bf16 = (
-        device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    )
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if precision == "fp32" or (precision == "auto" and not cuda_bf16):
         return contextlib.nullcontext()
     if device.type == "cuda" and not cuda_bf16:

@@ -74,9 +74,7 @@ def evaluate_brier_lm(
         ValueError: A stride that is not a multiple of the chunk size.
     """
     if stride % model.chunk_size:
-        raise ValueError(
-            f"stride={stride} must be a multiple of the model's chunk size {model.chunk_size}"
-        )
+        raise ValueError(f"stride={stride} must be a multiple of the model's chunk size {model.chunk_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -104,10 +102,7 @@ def format_result(result: BrierLMResult, title: str = "") -> str:
         f"| Brier-{i} | {v:.4f} | {se:.4f} |"
         for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), 1)
     ]
-    lines += [
-        f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |",
-        f"| positions | {result.count} | |",
-    ]
+    lines += [f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |", f"| positions | {result.count} | |"]
     return "\n".join(lines)
 
 
@@ -130,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from calm_models.data import DataError
     from calm_models.runs import RunError, load_run
 
-    parser = argparse.ArgumentParser(
-        prog="python -m calm_models.evaluate", description="BrierLM of a trained model."
-    )
+    parser = argparse.ArgumentParser(prog="python -m calm_models.evaluate", description="BrierLM of a trained model.")
     parser.add_argument("checkpoint", nargs="?", help="run directory or checkpoint directory")
     parser.add_argument("--hf", default=None, help="a local Hugging Face causal LM folder instead")
     parser.add_argument(
@@ -145,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
     parser.add_argument("--batches", type=_non_negative, default=0, help="max batches (0: all)")
     parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument(
-        "--block-len", type=_non_negative, default=0, help="default: the run's block_len"
-    )
+    parser.add_argument("--block-len", type=_non_negative, default=0, help="default: the run's block_len")
     parser.add_argument("--stride", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -185,37 +176,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{model.max_tokens} tokens, got {block_len}"
             )
         if args.stride % k:
-            raise ValueError(
-                f"--stride must be a multiple of the chunk size K={k}, got {args.stride}"
-            )
+            raise ValueError(f"--stride must be a multiple of the chunk size K={k}, got {args.stride}")
         evaluation_starts(block_len, args.stride)
         blocks = run.blocks(args.data, block_len)
     except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""),
-        file=sys.stderr,
-    )
+    print(f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""), file=sys.stderr)
     n = len(blocks)
     num_batches = -(-n // args.batch_size)
     num_batches = min(num_batches, args.batches) if args.batches else num_batches
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     batches = (
-        blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size)))
-        for i in range(num_batches)
+        blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size))) for i in range(num_batches)
     )
-    result = evaluate_brier_lm(
-        model, batches, stride=args.stride, generator=generator, progress=True
-    )
+    result = evaluate_brier_lm(model, batches, stride=args.stride, generator=generator, progress=True)
     source = ", ".join(args.data) if args.data else "validation split"
     print(
-        format_result(
-            result,
-            f"{'hf' if args.hf else run.config.stage} {run.checkpoint} "
-            f"(step {run.step}) on {source}",
-        )
+        format_result(result, f"{'hf' if args.hf else run.config.stage} {run.checkpoint} (step {run.step}) on {source}")
     )
     out = Path(args.out) if args.out else run.checkpoint / "brier_lm.json"
     atomic_write(

@@ -23,14 +23,7 @@ from torch import nn
 
 from calm_models.config import BackboneConfig
 
-__all__ = [
-    "autoencoder_flops",
-    "backbone_flops",
-    "calm_flops",
-    "head_flops",
-    "linear_flops",
-    "token_lm_flops",
-]
+__all__ = ["autoencoder_flops", "backbone_flops", "calm_flops", "head_flops", "linear_flops", "token_lm_flops"]
 
 
 def linear_flops(*modules: nn.Module) -> float:
@@ -41,12 +34,7 @@ def linear_flops(*modules: nn.Module) -> float:
         40.0
     """
     return float(
-        sum(
-            2 * m.in_features * m.out_features
-            for mod in modules
-            for m in mod.modules()
-            if isinstance(m, nn.Linear)
-        )
+        sum(2 * m.in_features * m.out_features for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
     )
 
 
@@ -65,12 +53,7 @@ def backbone_flops(cfg: BackboneConfig, seq_len: int) -> float:
 
 
 def head_flops(
-    head: nn.Module,
-    num_samples: int = 1,
-    *,
-    loss: bool = False,
-    num_targets: int = 1,
-    num_steps: int | None = None,
+    head: nn.Module, num_samples: int = 1, *, loss: bool = False, num_targets: int = 1, num_steps: int | None = None
 ) -> float:
     """Forward FLOPs per position of ``head.sample(hidden, num_samples)`` or of ``head.loss``.
 
@@ -104,9 +87,7 @@ def autoencoder_flops(ae: nn.Module) -> dict[str, float]:
     layer) and ``train`` (3 x both). The per-token layers run ``K`` times per chunk."""
     k, h, v = ae.chunk_size, ae.config.hidden_size, ae.vocab_size
     enc, dec = ae.encoder, ae.decoder
-    encode = k * linear_flops(enc.token_layers) + linear_flops(
-        enc.squeeze, enc.chunk_layers, enc.to_latent
-    )
+    encode = k * linear_flops(enc.token_layers) + linear_flops(enc.squeeze, enc.chunk_layers, enc.to_latent)
     decode = (
         k * linear_flops(dec.token_layers)
         + linear_flops(dec.from_latent, dec.chunk_layers, dec.expand)
@@ -130,7 +111,5 @@ def calm_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
 def token_lm_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
     """Per-token ``train`` and ``inference`` FLOPs of the token baseline."""
     cfg = model.cfg
-    forward = (
-        backbone_flops(cfg.backbone, seq_len) + 2.0 * cfg.backbone.hidden_size * cfg.vocab_size
-    )
+    forward = backbone_flops(cfg.backbone, seq_len) + 2.0 * cfg.backbone.hidden_size * cfg.vocab_size
     return {"train": 3.0 * forward, "inference": forward}

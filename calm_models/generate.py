@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     print(
-        f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s from "
-        f"{run.checkpoint.name})",
+        f"({len(texts)} x <= {args.max_new_tokens} tokens in {seconds:.2f} s from {run.checkpoint.name})",
         file=sys.stderr,
     )
     return 0

@@ -61,9 +61,7 @@ class _AdaLNMLP(nn.Module):
     modulations are then computed once per position and broadcast over the samples.
     """
 
-    def __init__(
-        self, in_size: int, width: int, out_size: int, num_blocks: int, eps: float
-    ) -> None:
+    def __init__(self, in_size: int, width: int, out_size: int, num_blocks: int, eps: float) -> None:
         super().__init__()
         self.input_proj = nn.Linear(in_size, width)
         self.blocks = nn.ModuleList(_AdaLNBlock(width, eps) for _ in range(num_blocks))
@@ -87,17 +85,9 @@ class _AdaLNMLP(nn.Module):
 
 def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> None:
     name = type(head).__name__
-    if (
-        not isinstance(hidden, torch.Tensor)
-        or not hidden.is_floating_point()
-        or hidden.shape[-1:] != (head.cond_size,)
-    ):
-        got = (
-            f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else hidden
-        )
-        raise ValueError(
-            f"{name}: hidden must be a float tensor (..., {head.cond_size}), got {got}"
-        )
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.shape[-1:] != (head.cond_size,):
+        got = f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else hidden
+        raise ValueError(f"{name}: hidden must be a float tensor (..., {head.cond_size}), got {got}")
     if targets is None:
         return
     expected = (*hidden.shape[:-1], head.latent_size)
@@ -109,14 +99,9 @@ def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> No
         or tuple(targets.shape[1:]) != expected
         or targets.device != hidden.device
     ):
-        got = (
-            f"{targets.dtype} {tuple(targets.shape)}"
-            if isinstance(targets, torch.Tensor)
-            else type(targets).__name__
-        )
+        got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(
-            f"{name}: targets must be a float tensor (M, {', '.join(map(str, expected))}) "
-            f"on {hidden.device}, got {got}"
+            f"{name}: targets must be a float tensor (M, {', '.join(map(str, expected))}) on {hidden.device}, got {got}"
         )
 
 
@@ -142,15 +127,11 @@ class EnergyHead(nn.Module):
         super().__init__()
         self.cfg, self.cond_size, self.latent_size = cfg, cond_size, latent_size
         self.cond_proj = nn.Linear(cond_size, cfg.hidden_size)
-        self.net = _AdaLNMLP(
-            cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks, cfg.norm_eps
-        )
+        self.net = _AdaLNMLP(cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks, cfg.norm_eps)
         nn.init.xavier_uniform_(self.cond_proj.weight)
         nn.init.zeros_(self.cond_proj.bias)
 
-    def sample(
-        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
@@ -176,11 +157,7 @@ class _MLPBlock(nn.Module):
         super().__init__()
         self.in_ln = nn.LayerNorm(width, eps=eps)
         self.linears = nn.Sequential(
-            nn.Linear(2 * width, width),
-            nn.SiLU(),
-            nn.Linear(width, width),
-            nn.SiLU(),
-            nn.Linear(width, 2 * width),
+            nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2 * width)
         )
         self.down_proj = nn.Linear(width, width)
 
@@ -230,9 +207,7 @@ class MLPEnergyHead(EnergyHead):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.final_layer.linears[-1].weight)
 
-    def sample(
-        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
@@ -284,9 +259,7 @@ class NoiseToDataHead(nn.Module):
         _check_inputs(self, hidden, targets)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         x1 = targets[: self.cfg.max_target_draws].to(acc)  # (k, ..., l)
-        x0 = torch.randn(
-            x1.shape, generator=generator, device=hidden.device, dtype=hidden.dtype
-        ).to(acc)
+        x0 = torch.randn(x1.shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
         x_t, time, target = self._corrupt(x1, x0, generator)
         pred = self._net_out(x_t, time, self.cond_proj(hidden).unsqueeze(0))
         return (pred - target).pow(2).mean(dim=-1).mean(dim=0)
@@ -309,9 +282,7 @@ class NoiseToDataHead(nn.Module):
         _check_inputs(self, hidden)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.latent_size)
-        x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(
-            acc
-        )
+        x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
         cond = self.cond_proj(hidden).unsqueeze(0)  # (1, ..., w), reused at every step
         times = self._schedule(self._steps(num_steps))
 
@@ -411,8 +382,7 @@ class DiffusionHead(NoiseToDataHead):
         steps = super()._steps(num_steps)
         if steps > self.cfg.diffusion_train_steps:
             raise ValueError(
-                f"num_steps must be <= diffusion_train_steps = "
-                f"{self.cfg.diffusion_train_steps}, got {steps}"
+                f"num_steps must be <= diffusion_train_steps = {self.cfg.diffusion_train_steps}, got {steps}"
             )
         return steps
 
@@ -434,12 +404,7 @@ class DiffusionHead(NoiseToDataHead):
         return x
 
 
-_HEADS = {
-    "energy": EnergyHead,
-    "energy_mlp": MLPEnergyHead,
-    "flow": FlowHead,
-    "diffusion": DiffusionHead,
-}
+_HEADS = {"energy": EnergyHead, "energy_mlp": MLPEnergyHead, "flow": FlowHead, "diffusion": DiffusionHead}
 
 
 def build_head(cfg: HeadConfig, cond_size: int, latent_size: int) -> nn.Module:

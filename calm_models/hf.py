@@ -70,19 +70,12 @@ class HFLanguageModel(nn.Module):
         return out.logits, out.past_key_values
 
     def loss(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Mean next-token cross-entropy over ``(b, L)`` blocks (padded targets left out)."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size)
         logits = self._logits(tokens[:, :-1])[0].float()
-        weight = (
-            torch.ones_like(tokens[:, 1:], dtype=torch.float)
-            if mask is None
-            else mask[:, 1:].float()
-        )
+        weight = torch.ones_like(tokens[:, 1:], dtype=torch.float) if mask is None else mask[:, 1:].float()
         ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         return {"loss": (ce * weight.flatten()).sum() / weight.sum().clamp_min(1)}
 
@@ -107,9 +100,7 @@ class HFLanguageModel(nn.Module):
         logits = self._logits(tokens)[0].float()  # (b, L, V)
         pred = logits[:, :-1]  # teacher forcing
         target_lp = pred.gather(-1, tokens[:, 1:, None]).squeeze(-1) - pred.logsumexp(-1)
-        target_lp = target_lp[
-            :, starts[:, None] - 1 + torch.arange(max_order, device=tokens.device)
-        ]
+        target_lp = target_lp[:, starts[:, None] - 1 + torch.arange(max_order, device=tokens.device)]
         # rollouts: one row per (row, position), its prefix left-padded to the longest
         width = int(starts.max())
         col = torch.arange(width, device=tokens.device)
@@ -121,9 +112,7 @@ class HFLanguageModel(nn.Module):
         start_logits = logits[:, starts - 1].reshape(b * p, -1)
         samples, sample_lp = [], []
         for rows in torch.arange(b * p, device=tokens.device).split(self.rollout_rows):
-            x, lp = self._rollout(
-                prefix[rows], real[rows], start_logits[rows], u.reshape(b * p, max_order)[rows]
-            )
+            x, lp = self._rollout(prefix[rows], real[rows], start_logits[rows], u.reshape(b * p, max_order)[rows])
             samples.append(x)
             sample_lp.append(lp)
         sample_lp = torch.cat(sample_lp).reshape(b, p, max_order)
@@ -224,23 +213,14 @@ def load_hf_run(
     if not (folder / "config.json").is_file():
         raise RunError(f"{folder}: no config.json (a local transformers model folder is needed)")
     try:
-        dev = (
-            resolve_device(str(device))
-            if str(device) in ("auto", "cuda", "mps")
-            else torch.device(device)
-        )
-        bf16 = dtype == "bf16" or (
-            dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
-        hf = AutoModelForCausalLM.from_pretrained(
-            folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32
-        )
+        dev = resolve_device(str(device)) if str(device) in ("auto", "cuda", "mps") else torch.device(device)
+        bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+        hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32)
         tokenizer = TextTokenizer.load(folder / "tokenizer.json", eos_token=eos_token)
     except (OSError, ValueError, DataError) as exc:
         raise RunError(f"{folder}: {str(exc).splitlines()[0]}") from None
     model = HFLanguageModel(hf.to(dev).eval())
     cfg = TrainConfig(
-        stage="ar",
-        data=DataConfig(block_len=min(block_len, model.max_tokens), eos_token=tokenizer.eos_token),
+        stage="ar", data=DataConfig(block_len=min(block_len, model.max_tokens), eos_token=tokenizer.eos_token)
     )
     return LoadedRun(model.eval(), cfg, tokenizer, folder, 0, "")

@@ -43,16 +43,12 @@ _FIRST_COLUMNS = ("step", "split", "time")
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(
-                f"metric tensors must hold one element, got shape {tuple(value.shape)}"
-            )
+            raise ValueError(f"metric tensors must hold one element, got shape {tuple(value.shape)}")
         return value.item()
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
-def read_metrics(
-    run_dir: str | os.PathLike[str], *, split: str | None = None
-) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | os.PathLike[str], *, split: str | None = None) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` (of one ``split`` if given), skipping a cut-off last line.
 
     Raises:
@@ -106,10 +102,7 @@ class MetricsLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.jsonl_path, self.csv_path = (
-            self.run_dir / "metrics.jsonl",
-            self.run_dir / "metrics.csv",
-        )
+        self.jsonl_path, self.csv_path = (self.run_dir / "metrics.jsonl", self.run_dir / "metrics.csv")
         self._jsonl = self._csv = self._writer = None
         self._columns: list[str] = []
         if not enabled:
@@ -117,11 +110,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         records = read_metrics(self.jsonl_path) if self.jsonl_path.is_file() else []
         if resume_step is not None:
-            records = [
-                r
-                for r in records
-                if not (isinstance(r.get("step"), int) and r["step"] > resume_step)
-            ]
+            records = [r for r in records if not (isinstance(r.get("step"), int) and r["step"] > resume_step)]
         atomic_write(self.jsonl_path, "".join(to_json(r) + "\n" for r in records).encode())
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._rewrite_csv(records)
@@ -151,9 +140,7 @@ class MetricsLogger:
         atomic_write(self.csv_path, buffer.getvalue().encode())
         self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
 
-    def log(
-        self, metrics: Mapping[str, Any], *, step: int | None = None, split: str | None = None
-    ) -> None:
+    def log(self, metrics: Mapping[str, Any], *, step: int | None = None, split: str | None = None) -> None:
         """Append one record (scalars, one-element tensors, strings) and flush it to disk.
 
         Example:
@@ -180,9 +167,7 @@ class MetricsLogger:
         if any(k not in self._columns for k in record):
             self._rewrite_csv(read_metrics(self.jsonl_path))
         else:
-            csv.DictWriter(self._csv, fieldnames=self._columns, lineterminator="\n").writerow(
-                record
-            )
+            csv.DictWriter(self._csv, fieldnames=self._columns, lineterminator="\n").writerow(record)
             self._csv.flush()
         if self._writer is not None and step is not None:
             for key, value in record.items():

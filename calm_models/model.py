@@ -71,9 +71,7 @@ def _compressor(config: CALMConfig, k: int) -> nn.Module:
             nn.init.normal_(lin.weight, std=std)
         nn.init.zeros_(module.ffn.w2.weight)
         return module
-    return nn.Sequential(
-        nn.Linear(k * h, width), nn.SiLU(), nn.Linear(width, h), nn.LayerNorm(h, eps=1e-6)
-    )
+    return nn.Sequential(nn.Linear(k * h, width), nn.SiLU(), nn.Linear(width, h), nn.LayerNorm(h, eps=1e-6))
 
 
 class CALM(nn.Module):
@@ -129,9 +127,7 @@ class CALM(nn.Module):
         return self
 
     def _tokens(self, tokens: object, name: str = "tokens") -> torch.Tensor:
-        return check_tokens(
-            tokens, name, vocab_size=self.autoencoder.vocab_size, multiple_of=self.chunk_size
-        )
+        return check_tokens(tokens, name, vocab_size=self.autoencoder.vocab_size, multiple_of=self.chunk_size)
 
     def hidden_states(self, tokens: torch.Tensor, **backbone_kwargs) -> torch.Tensor:
         """Backbone states ``(b, C, h)`` of tokens ``(b, C*K)``; state ``c`` predicts chunk ``c + 1``."""
@@ -140,10 +136,7 @@ class CALM(nn.Module):
         return self.backbone(self.compress(emb), **backbone_kwargs)
 
     def loss(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Head loss (negated energy score for the energy head) averaged over predicted chunks.
 
@@ -248,13 +241,9 @@ class CALM(nn.Module):
             generator: Optional generator.
         """
         tokens = self._tokens(tokens)
-        draws, starts = self.sample_continuations(
-            tokens, max_order=max_order, num_samples=2, generator=generator
-        )
+        draws, starts = self.sample_continuations(tokens, max_order=max_order, num_samples=2, generator=generator)
         if positions is not None:
-            positions = check_positions(
-                positions, tokens.shape[1], max_order, self.chunk_size, tokens.device
-            )
+            positions = check_positions(positions, tokens.shape[1], max_order, self.chunk_size, tokens.device)
             draws, starts = draws[:, :, positions // self.chunk_size - 1], positions
         index = starts[:, None] + torch.arange(max_order, device=tokens.device)  # (P, n)
         return brier_estimate(draws[0], draws[1], tokens[:, index])
@@ -273,9 +262,7 @@ class CALM(nn.Module):
             return self.sample_chunks(hidden, 1, generator)[0], 0
         if sampler == "batch":
             candidates = self.sample_chunks(hidden, num_candidates, generator)  # (N, b, K)
-            return batched_temperature_sample(
-                candidates, temperature, event_ndim=1, generator=generator
-            ), 0
+            return batched_temperature_sample(candidates, temperature, event_ndim=1, generator=generator), 0
         with warnings.catch_warnings():  # counted and reported once by generate
             warnings.simplefilter("ignore")
             result = temperature_sample(
@@ -338,9 +325,7 @@ class CALM(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not (isinstance(temperature, (int, float)) and 0.0 < temperature <= 1.0):
-            raise ValueError(
-                f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}"
-            )
+            raise ValueError(f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}")
         check_int(max_new_tokens, "max_new_tokens", 1)
         if sampler == "exact" and 1.0 / temperature > EXACT_MAX_DRAWS:
             raise ValueError(
@@ -370,8 +355,7 @@ class CALM(nn.Module):
             kwargs = {"cache": cache}
             if masked:
                 kwargs.update(
-                    position_ids=positions[:, t0:cur],
-                    attn_mask=padded_causal_mask(key_valid[:, :cur], cur - t0),
+                    position_ids=positions[:, t0:cur], attn_mask=padded_causal_mask(key_valid[:, :cur], cur - t0)
                 )
             hidden = self.hidden_states(tokens[:, t0 * k :], **kwargs)[:, -1]  # (b, h)
             chunk, fell = self._next_chunk(
@@ -392,9 +376,7 @@ class CALM(nn.Module):
                 stacklevel=2,
             )
         generated = torch.cat(out, dim=1)[:, :max_new_tokens]
-        return Generation(
-            [cut_at_eos(row, eos_id) for row in generated.unbind(0)], fallbacks, len(out)
-        )
+        return Generation([cut_at_eos(row, eos_id) for row in generated.unbind(0)], fallbacks, len(out))
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:func:`calm_models.flops.calm_flops`)."""

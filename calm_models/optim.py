@@ -35,12 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calm_models.config import (
-    _BUILTIN_OPTIMIZERS,
-    _TORCH_OPTIMIZER_NAMES,
-    OptimConfig,
-    ScheduleConfig,
-)
+from calm_models.config import _BUILTIN_OPTIMIZERS, _TORCH_OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
 
 __all__ = [
     "OptimConfig",
@@ -91,14 +86,12 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     except ImportError:
         if key in _TORCH_OPTIMIZER_NAMES:
             raise ImportError(
-                f"optimizer {name!r} comes from the torch-optimizer package, which "
-                f"is not installed: {_INSTALL_HINT}"
+                f"optimizer {name!r} comes from the torch-optimizer package, which is not installed: {_INSTALL_HINT}"
             ) from None
         registry = {}
     if key not in registry:
         raise ValueError(
-            f"unknown optimizer {name!r}; valid names: "
-            f"{', '.join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])}"
+            f"unknown optimizer {name!r}; valid names: {', '.join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])}"
         )
     return registry[key]
 
@@ -128,9 +121,7 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(
-    params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
-) -> torch.optim.Optimizer:
+def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimiser ``cfg.name`` over a module (decay groups) or parameters / parameter groups.
 
     ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``momentum`` are passed when the
@@ -159,20 +150,13 @@ def build_optimizer(
         groups = list(params_or_model)
     if not groups:
         raise ValueError("params_or_model has no trainable parameter to optimise")
-    optional = {
-        "betas": tuple(cfg.betas),
-        "eps": cfg.eps,
-        "weight_decay": cfg.weight_decay,
-        "momentum": cfg.momentum,
-    }
+    optional = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum}
     kwargs = {"lr": cfg.lr, **{k: v for k, v in optional.items() if k in accepts}}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     for k in cfg.extra:
         if k not in accepts and not takes_any:
             valid = ", ".join(n for n in signature.parameters if n not in ("self", "params"))
-            raise ValueError(
-                f"optim.extra: {cls.__name__} takes no argument {k!r}; valid arguments: {valid}"
-            )
+            raise ValueError(f"optim.extra: {cls.__name__} takes no argument {k!r}; valid arguments: {valid}")
     return cls(groups, **kwargs, **cfg.extra)
 
 
@@ -189,12 +173,8 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:
     if cfg.kind == "constant":
         return 1.0
     if not total_steps or total_steps < 1:
-        raise ValueError(
-            f"total_steps must be a positive int for a {cfg.kind} schedule, got {total_steps}"
-        )
-    progress = min(
-        max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 0.0), 1.0
-    )
+        raise ValueError(f"total_steps must be a positive int for a {cfg.kind} schedule, got {total_steps}")
+    progress = min(max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 0.0), 1.0)
     r = cfg.min_lr_ratio
     if cfg.kind == "linear":
         return 1.0 - (1.0 - r) * progress

@@ -102,45 +102,26 @@ def plot_metrics(
         ) from None
 
     token_key = next((k for k in _TOKEN_KEYS if any(k in r for r in records)), None)
-    step_tokens = {
-        r["step"]: r[token_key] for r in records if token_key and "step" in r and token_key in r
-    }
+    step_tokens = {r["step"]: r[token_key] for r in records if token_key and "step" in r and token_key in r}
     axes_x = ["step"] + (["tokens"] if token_key else [])
-    splits = sorted(
-        {str(r.get("split", "train")) for r in records}, key=lambda s: (s != "train", s)
-    )
-    fig, axes = plt.subplots(
-        len(keys), len(axes_x), figsize=(6 * len(axes_x), 3.2 * len(keys)), squeeze=False
-    )
+    splits = sorted({str(r.get("split", "train")) for r in records}, key=lambda s: (s != "train", s))
+    fig, axes = plt.subplots(len(keys), len(axes_x), figsize=(6 * len(axes_x), 3.2 * len(keys)), squeeze=False)
     for row, key in enumerate(keys):
         for col, xname in enumerate(axes_x):
             ax = axes[row][col]
             for index, split in enumerate(splits):
                 points = []
                 for r in records:
-                    if str(r.get("split", "train")) != split or not isinstance(
-                        r.get(key), (int, float)
-                    ):
+                    if str(r.get("split", "train")) != split or not isinstance(r.get(key), (int, float)):
                         continue
-                    x = (
-                        r.get("step")
-                        if xname == "step"
-                        else r.get(token_key, step_tokens.get(r.get("step")))
-                    )
+                    x = r.get("step") if xname == "step" else r.get(token_key, step_tokens.get(r.get("step")))
                     if x is not None:
                         points.append((x, float(r[key])))
                 if not points:
                     continue
                 xs, ys = zip(*points, strict=True)
                 ys = _ema(list(ys), smooth if split == "train" else 0.0)
-                ax.plot(
-                    xs,
-                    ys,
-                    label=split,
-                    color=f"C{index}",
-                    marker="o" if len(xs) < 30 else None,
-                    markersize=3,
-                )
+                ax.plot(xs, ys, label=split, color=f"C{index}", marker="o" if len(xs) < 30 else None, markersize=3)
             ax.set_xlabel(xname)
             ax.set_ylabel(key)
             ax.set_title(_TITLES.get(key, "reconstruction accuracy" if "accuracy" in key else key))

@@ -52,10 +52,7 @@ class LanguageModel(Protocol):
     vocab_size: int
 
     def loss(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Training objective on blocks ``(b, L)``; ``mask`` marks real tokens (``False``: padding)."""
 
@@ -88,11 +85,7 @@ class LanguageModel(Protocol):
 
 
 def check_positions(
-    positions: object,
-    length: int,
-    max_order: int,
-    multiple_of: int = 1,
-    device: torch.device | None = None,
+    positions: object, length: int, max_order: int, multiple_of: int = 1, device: torch.device | None = None
 ) -> torch.Tensor:
     """BrierLM positions as a 1-D int64 tensor, or a ``ValueError`` naming what fits.
 
@@ -112,11 +105,7 @@ def check_positions(
         or positions.dtype == torch.bool
     ):
         raise ValueError(f"positions must be a non-empty 1-D integer tensor, got {positions!r}")
-    bad = (
-        (positions < multiple_of)
-        | (positions % multiple_of != 0)
-        | (positions + max_order > length)
-    )
+    bad = (positions < multiple_of) | (positions % multiple_of != 0) | (positions + max_order > length)
     if bool(bad.any()):
         raise ValueError(
             f"positions must be multiples of {multiple_of} in [{multiple_of}, {length - max_order}] "
@@ -127,11 +116,7 @@ def check_positions(
 
 
 def left_pad(
-    prompts: list[torch.Tensor] | torch.Tensor,
-    pad_id: int,
-    multiple_of: int,
-    vocab_size: int,
-    device: torch.device,
+    prompts: list[torch.Tensor] | torch.Tensor, pad_id: int, multiple_of: int, vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad 1-D prompts to a common length that is a multiple of ``multiple_of``.
 
@@ -148,25 +133,16 @@ def left_pad(
         rows = list(prompts.unbind(0))
     if not rows:
         raise ValueError("prompts must be a non-empty list of 1-D token tensors or a (b, t) tensor")
-    rows = [
-        check_tokens(r, f"prompts[{i}]", vocab_size=vocab_size, ndim=1).to(device)
-        for i, r in enumerate(rows)
-    ]
+    rows = [check_tokens(r, f"prompts[{i}]", vocab_size=vocab_size, ndim=1).to(device) for i, r in enumerate(rows)]
     if any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt must hold at least one token")
     width = -(-max(r.numel() for r in rows) // multiple_of) * multiple_of
     extra = width - max(r.numel() for r in rows)
     tokens = F.pad(
-        pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left"),
-        (extra, 0),
-        value=pad_id,
+        pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left"), (extra, 0), value=pad_id
     )
     real = F.pad(
-        pad_sequence(
-            [torch.ones_like(r, dtype=torch.bool) for r in rows],
-            batch_first=True,
-            padding_side="left",
-        ),
+        pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in rows], batch_first=True, padding_side="left"),
         (extra, 0),
     )
     return tokens, real

@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from calm_models.data import DataError
     from calm_models.runs import RunError, load_run
 
-    parser = argparse.ArgumentParser(
-        prog="python -m calm_models.robustness", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m calm_models.robustness", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="autoencoder (or CALM) run or checkpoint directory")
     parser.add_argument("--data", nargs="*", default=None, help="default: the validation split")
     parser.add_argument("--max-tokens", type=int, default=200_000)
@@ -56,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     n = min(len(blocks), max(1, args.max_tokens // blocks.block_len))
     device = next(ae.parameters()).device
     batches = (
-        blocks.get_batch(torch.arange(i, min(n, i + args.batch_size))).to(device)
-        for i in range(0, n, args.batch_size)
+        blocks.get_batch(torch.arange(i, min(n, i + args.batch_size))).to(device) for i in range(0, n, args.batch_size)
     )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     table = robustness_table(ae, batches, sigmas=SIGMAS, generator=gen)

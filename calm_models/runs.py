@@ -18,14 +18,7 @@ from calm_models import checkpoint as ckpt
 from calm_models.autoencoder import Autoencoder
 from calm_models.baseline import TokenLM
 from calm_models.config import ConfigError, TokenLMConfig, TrainConfig, load_config
-from calm_models.data import (
-    DataError,
-    PackedBlocks,
-    TextTokenizer,
-    encode_documents,
-    prepare_data,
-    read_documents,
-)
+from calm_models.data import DataError, PackedBlocks, TextTokenizer, encode_documents, prepare_data, read_documents
 from calm_models.distributed import resolve_device
 from calm_models.model import CALM
 
@@ -36,9 +29,7 @@ class RunError(RuntimeError):
     """A run or checkpoint cannot be turned into a model (a one-line message)."""
 
 
-def build_model(
-    cfg: TrainConfig, vocab_size: int, autoencoder: Autoencoder | None = None
-) -> nn.Module:
+def build_model(cfg: TrainConfig, vocab_size: int, autoencoder: Autoencoder | None = None) -> nn.Module:
     """A freshly initialised model of ``cfg.stage`` (CALM on ``autoencoder``, or a fresh one).
 
     Example:
@@ -83,9 +74,9 @@ class LoadedRun:
         if files:
             tokens, _ = encode_documents(self.tokenizer, read_documents(files))
         else:
-            tokens = prepare_data(
-                self.config.data, self.run_dir, chunk_size=self.config.chunk_size, progress=False
-            )[2].tokens
+            tokens = prepare_data(self.config.data, self.run_dir, chunk_size=self.config.chunk_size, progress=False)[
+                2
+            ].tokens
         return PackedBlocks(tokens, block_len, self.config.chunk_size, pad_id=self.tokenizer.eos_id)
 
 
@@ -125,11 +116,7 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
         tokenizer = TextTokenizer.load(chosen.parent.parent / "tokenizer.json")
         model = build_model(cfg, tokenizer.vocab_size)
         meta = ckpt.load_weights(chosen, model, verify=False)
-        dev = (
-            resolve_device(str(device))
-            if str(device) in ("auto", "cuda", "mps")
-            else torch.device(device)
-        )
+        dev = resolve_device(str(device)) if str(device) in ("auto", "cuda", "mps") else torch.device(device)
     except (ckpt.CheckpointError, ConfigError, DataError, ValueError, OSError) as exc:
         raise RunError(str(exc).splitlines()[0]) from None
     return LoadedRun(model.to(dev).eval(), cfg, tokenizer, chosen, int(meta["step"]), note)

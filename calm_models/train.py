@@ -38,15 +38,7 @@ from tqdm.auto import tqdm
 from calm_models import checkpoint as ckpt
 from calm_models.autoencoder import reconstruction_accuracy
 from calm_models.backbone import _Block
-from calm_models.config import (
-    STAGES,
-    ConfigError,
-    PipelineConfig,
-    TrainConfig,
-    load_config,
-    preset,
-    save_config,
-)
+from calm_models.config import STAGES, ConfigError, PipelineConfig, TrainConfig, load_config, preset, save_config
 from calm_models.data import BlockLoader, DataError, PackedBlocks, prepare_data
 from calm_models.distributed import (
     DistInfo,
@@ -151,10 +143,7 @@ class _RunLock:
         self._fh.seek(0)
         previous = self._fh.read().strip()
         if previous:
-            print(
-                f"note: taking over the stale lock of {previous} (that process is gone)",
-                file=sys.stderr,
-            )
+            print(f"note: taking over the stale lock of {previous} (that process is gone)", file=sys.stderr)
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -190,10 +179,7 @@ def _resume_point(run_dir: Path, fallback: bool) -> Path | None:
     if not skipped:
         good = good or ckpt.latest_checkpoint(run_dir)  # also custom-named checkpoints
         if good is None:
-            print(
-                f"note: --resume given but {run_dir} has no checkpoint; starting from scratch",
-                file=sys.stderr,
-            )
+            print(f"note: --resume given but {run_dir} has no checkpoint; starting from scratch", file=sys.stderr)
         return good
     newest, problem = skipped[0]
     if good is None:
@@ -220,10 +206,7 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
     except RunError as exc:
         raise TrainError(f"autoencoder_path: {exc}") from None
     if ae.config.stage != "autoencoder":
-        raise TrainError(
-            f"autoencoder_path={cfg.autoencoder_path} holds a {ae.config.stage} run, "
-            "not an autoencoder"
-        )
+        raise TrainError(f"autoencoder_path={cfg.autoencoder_path} holds a {ae.config.stage} run, not an autoencoder")
     data = replace(cfg.data, tokenizer=str(ae.run_dir / "tokenizer.json"))
     return replace(cfg, autoencoder=ae.config.autoencoder, data=data), ae.model
 
@@ -240,37 +223,23 @@ def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: Dis
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)
-    out = {
-        "loss": float(
-            all_reduce_mean(
-                torch.stack([model.loss(t, m)["loss"].float() for t, m in batches]).mean()
-            )
-        )
-    }
+    out = {"loss": float(all_reduce_mean(torch.stack([model.loss(t, m)["loss"].float() for t, m in batches]).mean()))}
     if cfg.stage == "autoencoder":
         for sigma in (0.0, 0.3):
             acc = torch.stack([reconstruction_accuracy(model, t, sigma, gen) for t, _ in batches])
             out[f"recon_acc_sigma{sigma:g}"] = float(all_reduce_mean(acc.mean()))
     else:
-        out.update(
-            evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict()
-        )
+        out.update(evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict())
     model.train(was_training)
     return out
 
 
 def _format_eval(step: int, metrics: dict) -> str:
-    keys = [
-        k
-        for k in ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
-        if k in metrics
-    ]
+    keys = [k for k in ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se") if k in metrics]
     return f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 
-def train(
-    cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
-) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> TrainResult:
     """Train one stage (the caller's config is not modified).
 
     Args:
@@ -308,11 +277,7 @@ def train(
             barrier()
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
         loader = BlockLoader(
-            train_blocks,
-            run.batch_size * run.grad_accum,
-            seed=run.seed,
-            rank=info.rank,
-            world_size=info.world_size,
+            train_blocks, run.batch_size * run.grad_accum, seed=run.seed, rank=info.rank, world_size=info.world_size
         )
 
         # -- model, wrapped for data parallelism, then its optimiser ----------------------------
@@ -340,9 +305,7 @@ def train(
             try:
                 loader.load_state_dict(state["loader"])
             except (ValueError, KeyError) as exc:
-                raise TrainError(
-                    f"cannot resume the data position of {start_from}: {exc}"
-                ) from None
+                raise TrainError(f"cannot resume the data position of {start_from}: {exc}") from None
             rngs = state["rng"]
             ckpt.restore_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
             if main_process:
@@ -416,12 +379,8 @@ def train(
                         loss = objective(tok, msk)["loss"] / run.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, cfg.optim.grad_clip or math.inf
-                )
-                finite = bool(
-                    torch.isfinite(all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all()
-                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
+                finite = bool(torch.isfinite(all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all())
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
                     if skipped >= run.max_nonfinite_skips:
@@ -463,11 +422,7 @@ def train(
                 if run.eval_every and step % run.eval_every == 0 and step < run.steps:
                     metrics = _evaluate(model, cfg, valid_blocks, info)
                     logger.log(
-                        {
-                            "tokens": tokens_seen,
-                            "train_flops": flops_per_token * tokens_seen,
-                            **metrics,
-                        },
+                        {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics},
                         step=step,
                         split="valid",
                     )
@@ -483,9 +438,7 @@ def train(
             return TrainResult(run_dir, step, signals.received)
         metrics = _evaluate(model, cfg, valid_blocks, info)
         logger.log(
-            {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics},
-            step=step,
-            split="valid",
+            {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics}, step=step, split="valid"
         )
         logger.close()
         if main_process:
@@ -493,9 +446,7 @@ def train(
     return TrainResult(run_dir, step, None, metrics)
 
 
-def run_pipeline(
-    cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
-) -> dict:
+def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> dict:
     """Train the autoencoder, then CALM on it; print BrierLM and a generated sample.
 
     An interrupted stage ends the pipeline (the result then holds ``"interrupted"``).
@@ -504,11 +455,7 @@ def run_pipeline(
         ``{"autoencoder": run dir, "calm": run dir, "brier_lm": ..., "sample": text}``.
     """
     out = Path(cfg.out_dir)
-    ae_cfg = replace(
-        cfg.ae_stage,
-        stage="autoencoder",
-        run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")),
-    )
+    ae_cfg = replace(cfg.ae_stage, stage="autoencoder", run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")))
     ae = train(ae_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     if ae.interrupted is not None:
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
@@ -520,9 +467,7 @@ def run_pipeline(
     )
     lm = train(lm_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     result = {"autoencoder": ae.run_dir, "calm": lm.run_dir}
-    if lm.interrupted is not None or (
-        torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
-    ):
+    if lm.interrupted is not None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return {**result, "interrupted": lm.interrupted}
     loaded = load_run(lm.run_dir, device=lm_cfg.run.device)
     device = next(loaded.model.parameters()).device
@@ -534,11 +479,7 @@ def run_pipeline(
     print(format_result(scores, f"\nCALM BrierLM on {n} validation blocks"))
     prompt = torch.tensor(loaded.tokenizer.encode(cfg.prompt), dtype=torch.long)
     ids = loaded.model.generate(
-        [prompt],
-        cfg.sample_tokens,
-        temperature=cfg.temperature,
-        eos_id=loaded.tokenizer.eos_id,
-        generator=gen,
+        [prompt], cfg.sample_tokens, temperature=cfg.temperature, eos_id=loaded.tokenizer.eos_id, generator=gen
     ).tokens[0]
     text = loaded.tokenizer.decode(ids)
     print(f"\nSample (T={cfg.temperature}):\n{cfg.prompt}{text}")
@@ -560,9 +501,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="with --resume: take the newest complete checkpoint if the latest is corrupt",
     )
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete an earlier run in run.out_dir instead of refusing",
+        "--overwrite", action="store_true", help="delete an earlier run in run.out_dir instead of refusing"
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     return parser.parse_intermixed_args(argv)
@@ -574,12 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"resume": args.resume, "fallback": args.fallback, "overwrite": args.overwrite}
     try:
         if args.stage == "pipeline":
-            base = PipelineConfig(
-                ae_stage=preset(args.preset, "autoencoder"), lm_stage=preset(args.preset, "calm")
-            )
-            cfg = load_config(
-                PipelineConfig, preset=base, file=args.config, overrides=args.overrides
-            )
+            base = PipelineConfig(ae_stage=preset(args.preset, "autoencoder"), lm_stage=preset(args.preset, "calm"))
+            cfg = load_config(PipelineConfig, preset=base, file=args.config, overrides=args.overrides)
             interrupted = run_pipeline(cfg, **flags).get("interrupted")
         else:
             stage = [o for o in args.overrides if o.split("=", 1)[0].strip() == "stage"]

@@ -32,9 +32,7 @@ def _public_modules() -> list[str]:
     names = []
     for package in PACKAGES:
         path = [str(ROOT / package)]
-        names += [
-            f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if not m.name.startswith("_")
-        ]
+        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if not m.name.startswith("_")]
     return sorted(names)
 
 
@@ -78,9 +76,7 @@ def _sphinx(builder: str, dirs: dict[str, Path], *extra: str) -> subprocess.Comp
         str(DOCS),
         str(out),
     ]
-    return subprocess.run(
-        cmd, cwd=ROOT, env=_sphinx_env(dirs["tmp"]), capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run(cmd, cwd=ROOT, env=_sphinx_env(dirs["tmp"]), capture_output=True, text=True, timeout=600)
 
 
 def test_html_builds_without_warnings(sphinx_dirs: dict[str, Path]) -> None:
@@ -108,18 +104,14 @@ def test_guides_run(sphinx_dirs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
-def test_module_docstring_examples(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_module_docstring_examples(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``doctest.testmod`` of one public module (the examples shown in the API reference)."""
     torch = pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CALM_CACHE", str(tmp_path / "token-cache"))
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(
-        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     report = io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -129,9 +121,7 @@ def test_module_docstring_examples(
     finally:
         torch.set_num_threads(threads)
     result = runner.summarize(verbose=False)
-    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}:\n" + (
-        report.getvalue()
-    )
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}:\n" + (report.getvalue())
 
 
 def test_every_public_module_has_an_api_page() -> None:
@@ -174,18 +164,7 @@ def test_results_include_builds_with_markdown_rst_or_nothing(tmp_path: Path) -> 
     (src / "_generated" / "rst.rst").write_text("Numbers\n-------\n\n* one\n* two\n")
     out = tmp_path / "html"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sphinx",
-            "-W",
-            "--keep-going",
-            "-q",
-            "-b",
-            "html",
-            str(src),
-            str(out),
-        ],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(src), str(out)],
         env=_sphinx_env(tmp_path) | {"PYTHONPATH": str(DOCS / "_ext")},
         capture_output=True,
         text=True,

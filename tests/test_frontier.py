@@ -37,13 +37,9 @@ def _sentences(seed: int, n: int) -> list[str]:
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("frontier-data")
     train = root / "train.jsonl"
-    train.write_text(
-        "\n".join(json.dumps({"text": " ".join(_sentences(i, 40))}) for i in range(40))
-    )
+    train.write_text("\n".join(json.dumps({"text": " ".join(_sentences(i, 40))}) for i in range(40)))
     wiki = root / "valid.raw"
-    wiki.write_text(
-        "".join(f" = Article {i} = \n\n {' '.join(_sentences(100 + i, 30))} \n\n" for i in range(4))
-    )
+    wiki.write_text("".join(f" = Article {i} = \n\n {' '.join(_sentences(100 + i, 30))} \n\n" for i in range(4)))
     stories = root / "stories.txt"
     stories.write_text("\n\n".join(" ".join(_sentences(200 + i, 10)) for i in range(10)))
     return {"train": train, "wiki": wiki, "stories": stories}

@@ -13,12 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from calm_models._layers import RMSNorm, SwiGLU
-from calm_models.autoencoder import (
-    Autoencoder,
-    AutoencoderConfig,
-    reconstruction_accuracy,
-    robustness_table,
-)
+from calm_models.autoencoder import Autoencoder, AutoencoderConfig, reconstruction_accuracy, robustness_table
 
 V, K, LAT, H = 64, 4, 16, 32
 
@@ -107,11 +102,7 @@ def test_config_validate_names_the_field(field, value):
 
 @pytest.mark.parametrize(
     "overrides",
-    [
-        {},
-        dict(num_token_layers=0, num_chunk_layers=3),
-        dict(chunk_size=2, intermediate_size=48, num_token_layers=2),
-    ],
+    [{}, dict(num_token_layers=0, num_chunk_layers=3), dict(chunk_size=2, intermediate_size=48, num_token_layers=2)],
 )
 def test_num_parameters_matches_module(overrides):
     ae = _tiny(**overrides)
@@ -146,11 +137,7 @@ def test_shapes_for_any_batch_shape(batch):
     assert all(v.shape == () and v.dtype == torch.float32 for v in out.values())
 
 
-@given(
-    batch=st.lists(st.integers(1, 3), min_size=0, max_size=3),
-    chunks=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
-)
+@given(batch=st.lists(st.integers(1, 3), min_size=0, max_size=3), chunks=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_batch_and_chunk_independence(shared_ae, batch, chunks, seed):
     """Every chunk is encoded and decoded on its own, whatever the batch layout."""
     ae = shared_ae
@@ -167,9 +154,7 @@ def test_batch_and_chunk_independence(shared_ae, batch, chunks, seed):
 
 def test_input_errors_name_the_argument():
     ae = _tiny()
-    with pytest.raises(
-        ValueError, match=r"tokens must have shape \(\*b, L\) with L a multiple of 4"
-    ):
+    with pytest.raises(ValueError, match=r"tokens must have shape \(\*b, L\) with L a multiple of 4"):
         ae.encode(_tokens(2, 10))
     with pytest.raises(ValueError, match=r"got \(6,\)"):
         ae.loss(_tokens(6))

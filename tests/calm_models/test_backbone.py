@@ -82,9 +82,7 @@ def test_causal_future_does_not_change_past():
 def test_explicit_causal_mask_equals_default():
     model = _model()
     x = _x(2, 6, 32)
-    torch.testing.assert_close(
-        model(x, attn_mask=causal_mask(6, 6)[None, None]), model(x), atol=1e-10, rtol=0
-    )
+    torch.testing.assert_close(model(x, attn_mask=causal_mask(6, 6)[None, None]), model(x), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
@@ -127,9 +125,7 @@ def test_left_padded_batch_equals_rows_alone():
         model(x, position_ids=pos, attn_mask=_padded_mask(valid), cache=cache)
         new = _x(3, 1, 32, seed=99)
         key_valid = torch.cat([valid, torch.ones(3, 1, dtype=torch.bool)], 1)
-        step = model(
-            new, position_ids=pos[:, -1:] + 1, attn_mask=key_valid[:, None, None], cache=cache
-        )
+        step = model(new, position_ids=pos[:, -1:] + 1, attn_mask=key_valid[:, None, None], cache=cache)
     for i, row in enumerate(rows):
         alone = model(torch.cat([row, new[i : i + 1]], 1))[0, -1]
         torch.testing.assert_close(step[i, 0], alone, atol=1e-5, rtol=0)
@@ -197,9 +193,7 @@ def test_rope_scores_depend_only_on_relative_position(shift, m, n):
 
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), atol=1e-9, rtol=0)
     # rotations preserve the norm
-    torch.testing.assert_close(
-        apply_rotary(q, torch.tensor([[m + shift]])).norm(), q.norm(), atol=1e-12, rtol=0
-    )
+    torch.testing.assert_close(apply_rotary(q, torch.tensor([[m + shift]])).norm(), q.norm(), atol=1e-12, rtol=0)
 
 
 def test_backbone_invariant_to_shifting_positions_but_not_to_reordering():

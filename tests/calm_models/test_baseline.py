@@ -13,9 +13,7 @@ from calm_models.flops import backbone_flops
 
 
 def _model(vocab: int = 13, seed: int = 0, dtype=torch.float64, **overrides) -> TokenLM:
-    kw = dict(
-        hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=48, init_std=0.3
-    )
+    kw = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=48, init_std=0.3)
     kw.update(overrides)
     torch.manual_seed(seed)
     return TokenLM(TokenLMConfig(vocab, BackboneConfig(**kw))).to(dtype)
@@ -37,11 +35,7 @@ def test_forward_shapes_train_eval_and_untied_head():
     assert logits.shape == (3, 9, 13)
     model.eval()
     torch.testing.assert_close(model(tokens), logits, atol=0, rtol=0)
-    untied = TokenLM(
-        TokenLMConfig(
-            13, BackboneConfig(hidden_size=16, num_layers=1, num_heads=2), tie_embeddings=False
-        )
-    )
+    untied = TokenLM(TokenLMConfig(13, BackboneConfig(hidden_size=16, num_layers=1, num_heads=2), tie_embeddings=False))
     assert untied.lm_head is not None and untied(tokens).shape == (3, 9, 13)
     tied_params = sum(p.numel() for p in _model(dtype=torch.float32).parameters())
     assert tied_params == sum(p.numel() for p in model.parameters())  # no separate head
@@ -61,9 +55,7 @@ def test_loss_matches_manual_cross_entropy():
 def test_loss_decreases_on_synthetic_task():
     # next token = current + 1 (mod V): learnable from the last token alone
     torch.manual_seed(0)
-    model = TokenLM(
-        TokenLMConfig(16, BackboneConfig(hidden_size=32, num_layers=1, num_heads=2, max_seq_len=32))
-    )
+    model = TokenLM(TokenLMConfig(16, BackboneConfig(hidden_size=32, num_layers=1, num_heads=2, max_seq_len=32)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     start = torch.randint(16, (16, 1), generator=_gen(0))
     batch = (start + torch.arange(16)) % 16
@@ -109,8 +101,7 @@ def _prompts(vocab: int = 13) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_k", "eos_id"),
-    [(0.0, None, None), (0.7, None, None), (0.7, 5, 3), (1.0, None, 3)],
+    ("temperature", "top_k", "eos_id"), [(0.0, None, None), (0.7, None, None), (0.7, 5, 3), (1.0, None, 3)]
 )
 def test_cached_and_uncached_generation_agree(temperature, top_k, eos_id):
     model = _model()
@@ -151,9 +142,7 @@ def test_eos_stops_each_row(temperature):
 
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
-    stopped = model.generate(
-        _prompts(), 12, temperature=temperature, generator=_gen(2), eos_id=eos
-    ).tokens
+    stopped = model.generate(_prompts(), 12, temperature=temperature, generator=_gen(2), eos_id=eos).tokens
     handle.remove()
     for a, b in zip(free, stopped, strict=True):
         assert torch.equal(cut(a), b)
@@ -206,15 +195,10 @@ def test_brier_terms_equal_brute_force(max_order, positions):
         for i, t in enumerate(pos_list):
             prefix = tokens[:, : t + 1]
             target = tokens[:, t + 1 : t + 1 + max_order]
-            torch.testing.assert_close(
-                terms.target_prob[:, i], _brute_prob(model, prefix, target), atol=1e-5, rtol=0
-            )
+            torch.testing.assert_close(terms.target_prob[:, i], _brute_prob(model, prefix, target), atol=1e-5, rtol=0)
             # the rollout probabilities are those of the sampled tokens given prefix and rollout
             torch.testing.assert_close(
-                terms.sample_prob[:, i],
-                _brute_prob(model, prefix, terms.samples[:, i]),
-                atol=1e-5,
-                rtol=0,
+                terms.sample_prob[:, i], _brute_prob(model, prefix, terms.samples[:, i]), atol=1e-5, rtol=0
             )
     est = model.brier_estimates(tokens, max_order=max_order, positions=pos, generator=_gen(0))
     torch.testing.assert_close(est, 2 * terms.target_prob - terms.sample_prob)

@@ -38,14 +38,7 @@ from calm_models.checkpoint import (
     save_checkpoint,
 )
 from calm_models.checkpoint import load_weights as load_model_weights
-from calm_models.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    autocast_context,
-    barrier,
-    init_distributed,
-    wrap_model,
-)
+from calm_models.distributed import DistInfo, all_reduce_mean, autocast_context, barrier, init_distributed, wrap_model
 from calm_models.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,9 +57,7 @@ class TiedLM(nn.Module):
         self.register_buffer("scale", torch.ones(1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.dropout(
-            self.layer(self.embed(tokens)), p=0.1, training=self.training
-        )
+        h = torch.nn.functional.dropout(self.layer(self.embed(tokens)), p=0.1, training=self.training)
         return self.head(self.norm(h)) * self.scale
 
 
@@ -89,9 +80,7 @@ def _setup(seed: int = 0):
     torch.manual_seed(seed)
     model = TiedLM()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
-    scheduler = build_scheduler(
-        optimizer, ScheduleConfig(kind="cosine", warmup_steps=2), total_steps=20
-    )
+    scheduler = build_scheduler(optimizer, ScheduleConfig(kind="cosine", warmup_steps=2), total_steps=20)
     return model, optimizer, scheduler
 
 
@@ -133,11 +122,7 @@ def test_round_trip_resumes_training_exactly(tmp_path):
     np.random.seed(99)
     model2, optimizer2, scheduler2 = _setup(seed=5)
     loaded = load_checkpoint(
-        path,
-        model=model2,
-        optimizer=optimizer2,
-        scheduler=scheduler2,
-        config={"model": {"hidden": 16}},
+        path, model=model2, optimizer=optimizer2, scheduler=scheduler2, config={"model": {"hidden": 16}}
     )
     restore_rng_state(loaded["rng"])  # the training loop restores the generators it saved
     assert loaded["step"] == 3 and loaded["tokens"] == 96 and loaded["loader"]["epoch"] == 1
@@ -153,12 +138,7 @@ def test_files_layout_and_tied_weights_stored_once(tmp_path):
     model, optimizer, scheduler = _setup()
     path = save_checkpoint(tmp_path, step=12, model=model, optimizer=optimizer, config={"a": 1})
     assert path == tmp_path / "checkpoints" / "step_000012"
-    assert sorted(p.name for p in path.iterdir()) == [
-        "config.yaml",
-        "meta.json",
-        "model.safetensors",
-        "train_state.pt",
-    ]
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "meta.json", "model.safetensors", "train_state.pt"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000012"
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 12 and meta["model_class"] == "TiedLM" and meta["format_version"] == 2
@@ -167,14 +147,7 @@ def test_files_layout_and_tied_weights_stored_once(tmp_path):
     with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
         keys = set(fh.keys())
         assert json.loads(fh.metadata()["aliases"]) == {"head.weight": "embed.weight"}
-    assert keys == {
-        "embed.weight",
-        "layer.weight",
-        "layer.bias",
-        "norm.weight",
-        "norm.bias",
-        "scale",
-    }
+    assert keys == {"embed.weight", "layer.weight", "layer.bias", "norm.weight", "norm.bias", "scale"}
     # A model without tying receives the shared tensor under both names.
     untied = TiedLM()
     untied.head.weight = nn.Parameter(torch.zeros_like(untied.embed.weight))
@@ -198,9 +171,7 @@ def test_rng_capture_and_restore_covers_python_numpy_torch(tmp_path):
 
 def test_train_state_must_be_plain(tmp_path):
     model = nn.Linear(2, 2)
-    path = save_checkpoint(
-        tmp_path, step=0, model=model, train_state={"n": np.int64(4), "x": np.float32(0.5)}
-    )
+    path = save_checkpoint(tmp_path, step=0, model=model, train_state={"n": np.int64(4), "x": np.float32(0.5)})
     loaded = load_checkpoint(path, model=model)
     assert loaded == {"n": 4, "x": 0.5} and type(loaded["n"]) is int
     with pytest.raises(TypeError, match=r"train_state\['bad'\]\[0\] is a numpy.ndarray"):
@@ -260,10 +231,7 @@ def test_ddp_prefixes_are_stripped_and_process_group_helpers(tmp_path, gloo_grou
     model = TiedLM()
     ddp = nn.parallel.DistributedDataParallel(model)
     path = save_checkpoint(
-        tmp_path,
-        step=2,
-        model=torch.compile(ddp),
-        optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1),
+        tmp_path, step=2, model=torch.compile(ddp), optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1)
     )
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in _saved_keys(path))
     target = nn.parallel.DistributedDataParallel(TiedLM())
@@ -376,9 +344,7 @@ def _one_line(exc: BaseException) -> str:
 
 def test_truncated_model_file_gives_one_line_error_naming_it(tmp_path):
     model = TiedLM()
-    path = save_checkpoint(
-        tmp_path, step=1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
-    )
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     file = path / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
@@ -395,9 +361,7 @@ def test_truncated_model_file_gives_one_line_error_naming_it(tmp_path):
 
 def test_corrupt_train_state_and_missing_files(tmp_path):
     model = nn.Linear(3, 3)
-    path = save_checkpoint(
-        tmp_path, step=1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
-    )
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     state = path / "train_state.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 3 : len(data) // 3 + 64] = b"\x00" * 64
@@ -419,10 +383,7 @@ def test_config_mismatch_names_fields_and_values(tmp_path):
     saved = {"model": {"hidden_size": 16, "layers": 1, "betas": [0.9, 0.95]}, "optim": {"lr": 0.1}}
     model = nn.Linear(2, 2)
     path = save_checkpoint(tmp_path, step=1, model=model, config=saved)
-    current = {
-        "model": {"hidden_size": 32, "layers": 1, "betas": (0.9, 0.95), "new_field": 3},
-        "optim": {"lr": 0.2},
-    }
+    current = {"model": {"hidden_size": 32, "layers": 1, "betas": (0.9, 0.95), "new_field": 3}, "optim": {"lr": 0.2}}
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, model=model, config=current, sections=["model"])
     message = _one_line(info.value)
@@ -463,17 +424,13 @@ def test_keep_last_prunes_only_after_the_new_checkpoint(tmp_path, monkeypatch):
     model = nn.Linear(2, 2)
     for step in range(1, 5):
         save_checkpoint(tmp_path, step=step, model=model, keep_last=2)
-    best = save_checkpoint(
-        tmp_path, step=2, model=model, name="best", keep_last=2, update_latest=False
-    )
+    best = save_checkpoint(tmp_path, step=2, model=model, name="best", keep_last=2, update_latest=False)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best", "latest", "step_000003", "step_000004"]
     assert latest_checkpoint(tmp_path).name == "step_000004" and best.is_dir()
     # The pruning step runs after the rename and the pointer update: if the new checkpoint
     # could not be completed, nothing is pruned.
-    monkeypatch.setattr(
-        ck, "_write_state_file", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
-    )
+    monkeypatch.setattr(ck, "_write_state_file", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, step=5, model=model, keep_last=1)
     monkeypatch.undo()
@@ -484,9 +441,7 @@ def test_keep_last_prunes_only_after_the_new_checkpoint(tmp_path, monkeypatch):
     target = nn.Linear(2, 2)
     load_model_weights(tmp_path, target)
     assert torch.equal(target.weight, torch.full((2, 2), 7.0))
-    assert not any(
-        ".old-" in p.name or ".tmp-" in p.name for p in (tmp_path / "checkpoints").iterdir()
-    )
+    assert not any(".old-" in p.name or ".tmp-" in p.name for p in (tmp_path / "checkpoints").iterdir())
 
 
 def test_latest_falls_back_when_pointer_is_missing_or_stale(tmp_path):
@@ -566,9 +521,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(
-    args: list[str], env_extra: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, queue.Queue]:
+def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, queue.Queue]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
     proc = subprocess.Popen(
         [sys.executable, "-c", *args],
@@ -620,9 +573,7 @@ def _check_loads(path: Path, run: Path, width: int) -> None:
         ("prune", "step_000002", ["step_000002"]),
     ],
 )
-def test_sigkill_during_save_keeps_last_good_checkpoint(
-    tmp_path, stage, expected_latest, expected_complete
-):
+def test_sigkill_during_save_keeps_last_good_checkpoint(tmp_path, stage, expected_latest, expected_complete):
     width = 64
     proc, lines = _spawn([_CHILD, str(tmp_path), stage, str(width)])
     try:
@@ -713,9 +664,7 @@ def test_two_process_ddp_saves_once_and_restores_each_ranks_rng(tmp_path):
         while (line := lines.get(timeout=180)) is not None:
             seen.append(line)
         assert proc.wait(timeout=60) == 0, seen
-        results.append(
-            json.loads(next(s for s in seen if s.startswith("RESULT "))[len("RESULT ") :])
-        )
+        results.append(json.loads(next(s for s in seen if s.startswith("RESULT "))[len("RESULT ") :]))
     for rank, result in enumerate(results):
         assert result["rank"] == rank and result["type"] == "DistributedDataParallel"
         assert result["mean"] == pytest.approx(0.5)

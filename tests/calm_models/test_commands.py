@@ -51,9 +51,7 @@ def test_evaluate_bad_arguments_are_one_line_errors(runs, capsys, tmp_path):
         ([calm, "--block-len", "8"], "no evaluation position fits"),
         ([calm, "--out", str(tmp_path / "missing" / "x.json")], "does not exist"),
         (
-            [calm, "--device", "cuda"]
-            if not torch.cuda.is_available()
-            else [calm, "--stride", "2"],
+            [calm, "--device", "cuda"] if not torch.cuda.is_available() else [calm, "--stride", "2"],
             "CUDA is not available" if not torch.cuda.is_available() else "multiple",
         ),
         ([str(tmp_path / "nope")], "no such run"),
@@ -106,18 +104,7 @@ def test_exact_sampler_fallback_is_reported(runs, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the command prints the count itself, once
         assert (
-            generate.main(
-                [
-                    str(runs["calm"]),
-                    "--prompt",
-                    "the",
-                    "--temperature",
-                    "0.01",
-                    "--max-new-tokens",
-                    "4",
-                ]
-            )
-            == 0
+            generate.main([str(runs["calm"]), "--prompt", "the", "--temperature", "0.01", "--max-new-tokens", "4"]) == 0
         )
     assert "1 of 1 sampled steps could not be tempered" in capsys.readouterr().err
     # a temperature whose cost has no useful bound is refused up front, naming the way out

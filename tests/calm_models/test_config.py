@@ -60,10 +60,7 @@ def test_data_builds_nested_dataclasses_with_coercion():
         ({"optim": {"lr": "fast"}}, ["optim.lr", "'fast'", "Float"]),
         ({"optim": 3}, ["OptimConfig"]),
         ({"schedule": {"kind": "exponential"}}, ["schedule: kind must be one of", "'cosine'"]),
-        (
-            {"calm": {"backbone": {"num_layers": 0}}},
-            ["calm.backbone: num_layers must be an int >= 1"],
-        ),
+        ({"calm": {"backbone": {"num_layers": 0}}}, ["calm.backbone: num_layers must be an int >= 1"]),
         ({"baseline": {"num_layers": 0}}, ["baseline: num_layers must be an int >= 1"]),
     ],
 )
@@ -181,9 +178,7 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
 def test_cross_field_checks_and_presets():
     with pytest.raises(ConfigError, match="autoencoder_path: the calm stage needs"):
         load_config(TrainConfig, overrides=["stage=calm"])
-    with pytest.raises(
-        ConfigError, match=r"run.eval_stride=64 must be a multiple of K=4 and at most"
-    ):
+    with pytest.raises(ConfigError, match=r"run.eval_stride=64 must be a multiple of K=4 and at most"):
         load_config(TrainConfig, preset=preset("tiny", "calm"), overrides=["run.eval_stride=64"])
     with pytest.raises(ConfigError, match="unknown optimizer 'adamx'"):
         load_config(TrainConfig, overrides=["stage=ar", "optim.name=adamx"])

@@ -326,11 +326,7 @@ def test_max_bytes_cuts_on_a_character_boundary(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@given(
-    n=st.integers(1, 300),
-    chunk=st.integers(1, 8),
-    mult=st.integers(1, 6),
-)
+@given(n=st.integers(1, 300), chunk=st.integers(1, 8), mult=st.integers(1, 6))
 def test_packed_blocks_lose_and_duplicate_nothing(n, chunk, mult):
     block_len = chunk * mult
     tokens = np.random.default_rng(n).integers(1, 60000, size=n).astype(np.uint16)
@@ -389,9 +385,7 @@ def test_loader_is_deterministic_and_covers_each_epoch_without_repeats():
     other_rows = torch.cat([_row_ids(next(other).tokens) for _ in range(4)])
     assert not torch.equal(other_rows, torch.cat(rows_a[:4]))
     ordered = BlockLoader(blocks, 5, seed=0, shuffle=False)
-    assert torch.equal(
-        torch.cat([_row_ids(next(ordered).tokens) for _ in range(4)]), torch.arange(20)
-    )
+    assert torch.equal(torch.cat([_row_ids(next(ordered).tokens) for _ in range(4)]), torch.arange(20))
     assert a.epoch == 2 and a.offset == 20
 
 
@@ -497,9 +491,7 @@ def test_config_validation_names_fields():
 def test_prepare_data_with_files_and_holdout(tmp_path):
     texts = [f"Document {i}: " + " ".join(CORPUS[i % 4].split()) * 3 for i in range(40)]
     data = _write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = DataConfig(
-        train_files=[str(data)], vocab_size=300, block_len=32, cache_dir=str(tmp_path / "cache")
-    )
+    cfg = DataConfig(train_files=[str(data)], vocab_size=300, block_len=32, cache_dir=str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     tok, train, valid = prepare_data(cfg, run_dir, chunk_size=4, progress=False)
     assert (run_dir / "tokenizer.json").is_file() and tok.vocab_size <= 300
@@ -534,11 +526,7 @@ def test_prepare_data_with_files_and_holdout(tmp_path):
 
 def test_prepare_data_default_stdlib_corpus(tmp_path):
     cfg = DataConfig(
-        vocab_size=300,
-        block_len=64,
-        max_train_bytes=40_000,
-        max_valid_bytes=20_000,
-        cache_dir=str(tmp_path / "cache"),
+        vocab_size=300, block_len=64, max_train_bytes=40_000, max_valid_bytes=20_000, cache_dir=str(tmp_path / "cache")
     )
     tok, train, valid = prepare_data(cfg, tmp_path, chunk_size=4, progress=False)
     assert tok.vocab_size == 300 and len(train) > 50 and len(valid) > 10

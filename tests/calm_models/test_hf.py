@@ -111,9 +111,7 @@ def test_estimates_are_unbiased_against_enumeration():
     exact = torch.stack(exact)  # (2, 4)
     assert exact[:, 0].abs().max() > 0.2  # far from uniform (here: confidently wrong)
     est = model.brier_estimates(
-        seq.expand(3000, -1).contiguous(),
-        torch.tensor([1, 3]),
-        generator=torch.Generator().manual_seed(4),
+        seq.expand(3000, -1).contiguous(), torch.tensor([1, 3]), generator=torch.Generator().manual_seed(4)
     )  # (3000, 2, 4)
     mean, se = est.mean(0), est.std(0) / 3000**0.5
     assert ((mean - exact).abs() <= 5 * se + 1e-6).all(), (mean, exact, se)
@@ -129,16 +127,7 @@ def test_evaluate_command_scores_a_model_folder(tmp_path, capsys):
     tok.save(str(tmp_path / "llama" / "tokenizer.json"))
     data = tmp_path / "text.txt"
     data.write_text(" ".join(f"w{i % 39}" for i in range(300)))
-    argv = [
-        "--hf",
-        str(tmp_path / "llama"),
-        "--data",
-        str(data),
-        "--block-len",
-        "64",
-        "--device",
-        "cpu",
-    ]
+    argv = ["--hf", str(tmp_path / "llama"), "--data", str(data), "--block-len", "64", "--device", "cpu"]
     assert evaluate.main(argv) == 0
     out = capsys.readouterr().out
     assert "| BrierLM |" in out and (tmp_path / "llama" / "brier_lm.json").is_file()

@@ -18,15 +18,9 @@ V = 40
 
 def _model(k: int = 4, seed: int = 0, head: str = "energy") -> CALM:
     torch.manual_seed(seed)
-    ae = Autoencoder(
-        AutoencoderConfig(
-            vocab_size=V, chunk_size=k, latent_size=8, hidden_size=32, intermediate_size=64
-        )
-    )
+    ae = Autoencoder(AutoencoderConfig(vocab_size=V, chunk_size=k, latent_size=8, hidden_size=32, intermediate_size=64))
     cfg = CALMConfig(
-        backbone=BackboneConfig(
-            hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128
-        ),
+        backbone=BackboneConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128),
         head=HeadConfig(type=head, hidden_size=32, num_blocks=1, flow_steps=2, diffusion_steps=4),
         num_targets=16,
     )
@@ -173,9 +167,7 @@ def test_calm_and_baseline_are_scored_on_the_same_positions():
     assert r1.count == r2.count == 2 * 2 * len(evaluation_starts(32, 8))
     # positions 8, 16, 24 are chunk boundaries 2, 4, 6 of the default positions 4, 8, ..., 28
     every = calm.brier_estimates(batches[0], generator=torch.Generator().manual_seed(0))
-    chosen = calm.brier_estimates(
-        batches[0], evaluation_starts(32, 8), generator=torch.Generator().manual_seed(0)
-    )
+    chosen = calm.brier_estimates(batches[0], evaluation_starts(32, 8), generator=torch.Generator().manual_seed(0))
     assert every.shape == (2, 7, 4) and torch.equal(chosen, every[:, [1, 3, 5]])
     with pytest.raises(ValueError, match="multiple of the model's chunk size"):
         evaluate_brier_lm(_model(k=4), batches, stride=6)
@@ -215,9 +207,7 @@ def test_bf16_training_step_and_generation_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
     outs = [
-        model.generate(
-            tokens[:2, :8], 8, generator=torch.Generator("cuda").manual_seed(1), use_cache=cache
-        ).tokens
+        model.generate(tokens[:2, :8], 8, generator=torch.Generator("cuda").manual_seed(1), use_cache=cache).tokens
         for cache in (True, False)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))

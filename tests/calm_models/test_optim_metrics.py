@@ -61,8 +61,7 @@ def test_lr_factor_values(kind, step, expected):
 def test_scheduler_drives_optimizer_learning_rates():
     params = [nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))]
     optimizer = build_optimizer(
-        [{"params": params[:1]}, {"params": params[1:], "lr": 0.5, "weight_decay": 0.0}],
-        OptimConfig(lr=1.0),
+        [{"params": params[:1]}, {"params": params[1:], "lr": 0.5, "weight_decay": 0.0}], OptimConfig(lr=1.0)
     )
     cfg = ScheduleConfig(kind="cosine", warmup_steps=3, min_lr_ratio=0.2)
     scheduler = build_scheduler(optimizer, cfg, total_steps=10)
@@ -80,9 +79,7 @@ def test_no_warmup_starts_at_full_rate_and_schedule_errors():
     assert lr_factor(0, ScheduleConfig(kind="linear", warmup_steps=0), 10) == 1.0
     with pytest.raises(ValueError, match="total_steps must be a positive int for a cosine"):
         build_scheduler(
-            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
-            ScheduleConfig(kind="cosine", warmup_steps=0),
-            None,
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), ScheduleConfig(kind="cosine", warmup_steps=0), None
         )
     with pytest.raises(ValueError, match=r"kind must be one of \('constant', 'cosine', 'linear'\)"):
         ScheduleConfig(kind="step")
@@ -120,12 +117,7 @@ def test_decay_groups_split_matrices_from_biases_norms_and_embeddings():
     optimizer = build_optimizer(model, OptimConfig(lr=2e-3, betas=(0.8, 0.9), eps=1e-6))
     assert isinstance(optimizer, torch.optim.AdamW)
     decay = optimizer.param_groups[0]
-    assert (decay["lr"], decay["betas"], decay["eps"], decay["weight_decay"]) == (
-        2e-3,
-        (0.8, 0.9),
-        1e-6,
-        0.1,
-    )
+    assert (decay["lr"], decay["betas"], decay["eps"], decay["weight_decay"]) == (2e-3, (0.8, 0.9), 1e-6, 0.1)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 5  # tied once, frozen excluded
 
 
@@ -134,9 +126,7 @@ def test_builtin_optimizers_and_name_errors(monkeypatch):
     assert isinstance(build_optimizer(model, OptimConfig(name="Adam")), torch.optim.Adam)
     sgd = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, momentum=0.5))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
-    with pytest.raises(
-        ValueError, match=r"unknown optimizer 'adamx'; valid names: adamw, adam, sgd"
-    ):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamx'; valid names: adamw, adam, sgd"):
         build_optimizer(model, OptimConfig(name="adamx"))
     with pytest.raises(ValueError, match=r"optim.extra: AdamW takes no argument 'nesterov'"):
         build_optimizer(model, OptimConfig(extra={"nesterov": True}))
@@ -145,17 +135,14 @@ def test_builtin_optimizers_and_name_errors(monkeypatch):
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), OptimConfig())
     monkeypatch.setitem(sys.modules, "torch_optimizer", None)  # simulate "not installed"
     with pytest.raises(
-        ImportError,
-        match=r"'lamb' comes from the torch-optimizer package.*pip install torch-optimizer",
+        ImportError, match=r"'lamb' comes from the torch-optimizer package.*pip install torch-optimizer"
     ):
         build_optimizer(model, OptimConfig(name="lamb"))
     assert available_optimizers() == ["adamw", "adam", "sgd"]
 
 
 def test_optim_config_through_the_config_system():
-    cfg = load_config(
-        OptimConfig, overrides=["betas=[0.8,0.9]", "lr=1e-3", "extra={amsgrad: true}"]
-    )
+    cfg = load_config(OptimConfig, overrides=["betas=[0.8,0.9]", "lr=1e-3", "extra={amsgrad: true}"])
     assert cfg.betas == (0.8, 0.9) and cfg.lr == 1e-3 and cfg.extra == {"amsgrad": True}
     with pytest.raises(ConfigError, match=r"betas must lie in \[0, 1\), got \(0.9, 1.0\)"):
         load_config(OptimConfig, overrides=["betas=[0.9,1.0]"])
@@ -169,16 +156,11 @@ def test_torch_optimizer_optimizers_by_name():
         model = nn.Linear(4, 4)
         before = model.weight.detach().clone()
         optimizer = build_optimizer(model, OptimConfig(name=name, lr=1e-2, extra=extra))
-        assert isinstance(
-            optimizer,
-            torch_optimizer.get(name) if name != "adafactor" else torch_optimizer.Adafactor,
-        )
+        assert isinstance(optimizer, torch_optimizer.get(name) if name != "adafactor" else torch_optimizer.Adafactor)
         model(torch.randn(8, 4)).pow(2).mean().backward()
         optimizer.step()
         assert not torch.equal(model.weight, before)
-    with pytest.raises(
-        ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd"
-    ):
+    with pytest.raises(ValueError, match="unknown optimizer 'lambb'; valid names: adamw, adam, sgd"):
         OptimConfig(name="lambb")
 
 
@@ -203,12 +185,7 @@ def test_metrics_jsonl_and_csv_round_trip_with_new_keys(tmp_path):
     log.log({"step": 3, "split": "train", "loss": 2.0, "lr": 3e-3, "tokens_per_s": 1e5})
     log.close()
     records = read_metrics(tmp_path)
-    assert [(r["step"], r["split"]) for r in records] == [
-        (1, "train"),
-        (2, "train"),
-        (2, "valid"),
-        (3, "train"),
-    ]
+    assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (2, "valid"), (3, "train")]
     assert records[2]["brier_lm"] == 12.5 and "brier_lm" not in records[0]
     assert read_metrics(tmp_path, split="valid") == [records[2]]
     rows = _csv_rows(tmp_path / "metrics.csv")
@@ -275,15 +252,9 @@ def test_plot_writes_png_from_synthetic_metrics(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     with MetricsLogger(tmp_path) as log:
         for step in range(1, 41):
-            log.log(
-                {"loss": 5.0 / step, "lr": 1e-3, "tokens": 512 * step}, step=step, split="train"
-            )
+            log.log({"loss": 5.0 / step, "lr": 1e-3, "tokens": 512 * step}, step=step, split="train")
             if step % 10 == 0:
-                log.log(
-                    {"loss": 5.5 / step, "brier_lm": step / 4, "accuracy": 0.9},
-                    step=step,
-                    split="valid",
-                )
+                log.log({"loss": 5.5 / step, "brier_lm": step / 4, "accuracy": 0.9}, step=step, split="valid")
     out = plot_metrics(tmp_path, smooth=0.5)
     assert out == tmp_path / "metrics.png"
     width, height = _png_size(out)

@@ -15,13 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from calm_models.autoencoder import Autoencoder
 from calm_models.baseline import TokenLM
-from calm_models.config import (
-    AutoencoderConfig,
-    BackboneConfig,
-    CALMConfig,
-    HeadConfig,
-    TokenLMConfig,
-)
+from calm_models.config import AutoencoderConfig, BackboneConfig, CALMConfig, HeadConfig, TokenLMConfig
 from calm_models.flops import backbone_flops, head_flops, linear_flops
 from calm_models.model import CALM
 
@@ -34,11 +28,7 @@ def _imports(path: Path) -> set[str]:
     """calm_models modules imported anywhere in a file (also inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.module.startswith("calm_models")
-        ):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("calm_models"):
             parts = node.module.split(".")
             found.add(parts[1] if len(parts) > 1 else next(a.name for a in node.names))
         elif isinstance(node, ast.Import):
@@ -92,9 +82,7 @@ def test_flops_match_torch_flop_counter():
         mean, _ = ae.encode(tokens)
     assert _count(lambda: ae.decode(mean)) == t * ae.flops_per_token()["inference"]
     assert _count(lambda: ae.encode(tokens)) == t * ae.flops_per_token()["encode"]
-    model = CALM(
-        CALMConfig(backbone=cfg, head=HeadConfig(hidden_size=16, num_blocks=1), num_targets=4), ae
-    )
+    model = CALM(CALMConfig(backbone=cfg, head=HeadConfig(hidden_size=16, num_blocks=1), num_targets=4), ae)
     chunks = t // 4
     trunk = _count(lambda: model.hidden_states(tokens))
     assert trunk == chunks * (linear_flops(model.compress) + backbone_flops(cfg, chunks))

@@ -29,8 +29,7 @@ if not (REFERENCE / "models").is_dir():
 transformers = pytest.importorskip("transformers", reason="the parity tests need transformers")
 if transformers.__version__ != "4.43.0":
     pytest.skip(
-        f"the reference code needs transformers 4.43.0, found {transformers.__version__}",
-        allow_module_level=True,
+        f"the reference code needs transformers 4.43.0, found {transformers.__version__}", allow_module_level=True
     )
 sys.path.insert(0, str(REFERENCE))
 from models.configuration_autoencoder import AutoencoderConfig as RefAEConfig  # noqa: E402
@@ -47,11 +46,7 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(
-                1 + 0.1 * noise
-                if ("norm" in name or "ln" in name) and p.dim() == 1
-                else 0.2 * noise
-            )
+            p.copy_(1 + 0.1 * noise if ("norm" in name or "ln" in name) and p.dim() == 1 else 0.2 * noise)
 
 
 def _tokenizer(folder: Path) -> None:
@@ -69,14 +64,7 @@ def reference(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reference")
     torch.manual_seed(0)
     ae = RefAutoencoder(
-        RefAEConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            latent_size=16,
-            patch_size=K,
-            rms_norm_eps=1e-5,
-        )
+        RefAEConfig(vocab_size=V, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=K, rms_norm_eps=1e-5)
     )
     _perturb(ae, 1)
     ae.save_pretrained(tmp / "ae", safe_serialization=False)
@@ -141,10 +129,7 @@ def test_backbone_hidden_states_parity_with_and_without_cache(reference):
     expected = ref.transformer(inputs_embeds=embeds)[0]
     assert _max_diff(model.hidden_states(tokens), expected) < 1e-5
     cache = model.backbone.new_cache(b, c)
-    parts = [
-        model.hidden_states(tokens[:, :12], cache=cache),
-        model.hidden_states(tokens[:, 12:], cache=cache),
-    ]
+    parts = [model.hidden_states(tokens[:, :12], cache=cache), model.hidden_states(tokens[:, 12:], cache=cache)]
     assert _max_diff(torch.cat(parts, dim=1), expected) < 1e-5
 
 
@@ -196,9 +181,7 @@ def test_converted_runs_work_with_the_commands(reference, capsys):
     for path in (run, str(reference["tmp"] / "ae-run")):
         assert robustness.main([path, "--data", str(data), "--device", "cpu"]) == 0
         assert "| 0.3 |" in capsys.readouterr().out
-    config = json.loads(
-        (reference["tmp"] / "run" / "checkpoints" / "step_000000" / "meta.json").read_text()
-    )
+    config = json.loads((reference["tmp"] / "run" / "checkpoints" / "step_000000" / "meta.json").read_text())
     assert config["step"] == 0
 
 
@@ -207,9 +190,7 @@ def test_what_cannot_be_mapped_is_refused(reference, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((src / "config.json").read_text())
-    (bad / "config.json").write_text(
-        json.dumps({**cfg, "rope_scaling": {"type": "linear", "factor": 2.0}})
-    )
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"type": "linear", "factor": 2.0}}))
     (bad / "pytorch_model.bin").symlink_to(src / "pytorch_model.bin")
     (bad / "tokenizer.json").symlink_to(src / "tokenizer.json")
     with pytest.raises(ConversionError, match="rope_scaling"):

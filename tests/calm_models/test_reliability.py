@@ -172,9 +172,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_skipped_on_request(tmp_path, c
 
 def test_resume_with_another_batch_size(tmp_path):
     assert main(tiny_args(tmp_path, "run", **{"run.steps": 2})) == 0
-    resumed = tiny_args(
-        tmp_path, "run", **{"run.steps": 4, "run.batch_size": 2, "run.grad_accum": 2}
-    )
+    resumed = tiny_args(tmp_path, "run", **{"run.steps": 4, "run.batch_size": 2, "run.grad_accum": 2})
     assert main([*resumed, "--resume"]) == 0
 
 

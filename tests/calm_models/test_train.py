@@ -45,9 +45,7 @@ def test_resume_continues_exactly(tmp_path, stage):
 
 def test_resume_with_mismatched_model_config_names_the_field(tmp_path, capsys):
     assert main(_tiny_args(tmp_path, "run", **{"run.steps": 2})) == 0
-    code = main(
-        [*_tiny_args(tmp_path, "run", **{"run.steps": 4, "baseline.num_layers": 3}), "--resume"]
-    )
+    code = main([*_tiny_args(tmp_path, "run", **{"run.steps": 4, "baseline.num_layers": 3}), "--resume"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert "baseline.num_layers" in err and len(err.splitlines()) == 1

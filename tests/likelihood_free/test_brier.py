@@ -105,18 +105,14 @@ def _assert_results_close(a: BrierLMResult, b: BrierLMResult, rtol: float = 1e-1
     da, db = a.to_dict(), b.to_dict()
     assert da.keys() == db.keys()
     assert da["count"] == db["count"]
-    np.testing.assert_allclose(
-        [v for v in da.values()], [v for v in db.values()], rtol=rtol, atol=1e-12
-    )
+    np.testing.assert_allclose([v for v in da.values()], [v for v in db.values()], rtol=rtol, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- brier_score
 
 
 def test_brier_score_hand_checked_values():
-    probs = torch.tensor(
-        [[0.5, 0.25, 0.25], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1 / 3] * 3]
-    )
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1 / 3] * 3])
     target = torch.tensor([0, 1, 0, 2, 1])
     # sum P^2 = 0.375 for the first rows: 2*0.5-0.375, 2*0.25-0.375; point mass: 1 and -1.
     expected = torch.tensor([0.625, 0.125, 1.0, -1.0, 1 / 3])
@@ -203,11 +199,7 @@ def test_brier_estimate_ngram_hand_checked():
         torch.testing.assert_close(out, torch.tensor(exp), rtol=0, atol=0)
 
 
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    order=st.integers(1, 5),
-    vocab=st.integers(2, 3),
-)
+@given(seed=st.integers(0, 2**31 - 1), order=st.integers(1, 5), vocab=st.integers(2, 3))
 def test_brier_estimate_matches_naive_prefix_and_is_symmetric(seed, order, vocab):
     g = torch.Generator().manual_seed(seed)
     x1, x2, y = torch.randint(0, vocab, (3, 4, 6, order), generator=g)
@@ -329,9 +321,7 @@ def test_brier_lm_exact_values_and_clamping():
         ],
         dtype=torch.float64,
     )
-    expected = torch.tensor(
-        [50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 0.0], dtype=torch.float64
-    )
+    expected = torch.tensor([50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     out = brier_lm(briers)
     assert out.dtype == torch.float64 and out.shape == (6,)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
@@ -532,12 +522,7 @@ def test_metric_all_reduces_across_processes(tmp_path):
     data_file = tmp_path / "est.pt"
     torch.save(est, data_file)
     world = 2
-    mp.spawn(
-        _dist_worker,
-        args=(world, str(tmp_path / "init"), str(data_file), str(tmp_path)),
-        nprocs=world,
-        join=True,
-    )
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(data_file), str(tmp_path)), nprocs=world, join=True)
     single = BrierLM()
     single.update(est)
     expected = single.compute().to_dict()
@@ -545,9 +530,7 @@ def test_metric_all_reduces_across_processes(tmp_path):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert out["unchanged"] and out["local"] == local
         assert out["result"].keys() == expected.keys()
-        np.testing.assert_allclose(
-            list(out["result"].values()), list(expected.values()), rtol=1e-10
-        )
+        np.testing.assert_allclose(list(out["result"].values()), list(expected.values()), rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- GPU

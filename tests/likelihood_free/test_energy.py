@@ -26,15 +26,8 @@ def _naive_score(samples: torch.Tensor, targets: torch.Tensor, beta: float) -> t
     """The estimator written as a double loop over draws, in float64 -> (*batch)."""
     x, y = samples.double(), targets.double()
     n, m = x.shape[0], y.shape[0]
-    spread = sum(
-        torch.linalg.vector_norm(x[i] - x[j], dim=-1) ** beta
-        for i in range(n)
-        for j in range(n)
-        if i != j
-    )
-    fit = sum(
-        torch.linalg.vector_norm(x[i] - y[k], dim=-1) ** beta for i in range(n) for k in range(m)
-    )
+    spread = sum(torch.linalg.vector_norm(x[i] - x[j], dim=-1) ** beta for i in range(n) for j in range(n) if i != j)
+    fit = sum(torch.linalg.vector_norm(x[i] - y[k], dim=-1) ** beta for i in range(n) for k in range(m))
     return spread / (n * (n - 1)) - 2.0 * fit / (n * m)
 
 
@@ -66,9 +59,7 @@ def _mean_abs_normal(mu: float, s: float) -> float:
 
 def _exact_gaussian_score(mu1: float, s1: float, mu2: float, s2: float) -> float:
     """E|X - X'| - 2 E|X - Y| for X, X' ~ N(mu1, s1^2), Y ~ N(mu2, s2^2), beta = 1."""
-    return _mean_abs_normal(0.0, math.sqrt(2.0) * s1) - 2.0 * _mean_abs_normal(
-        mu1 - mu2, math.hypot(s1, s2)
-    )
+    return _mean_abs_normal(0.0, math.sqrt(2.0) * s1) - 2.0 * _mean_abs_normal(mu1 - mu2, math.hypot(s1, s2))
 
 
 def _gaussian_draws(mu1, s1, mu2, s2, n, m, seed, replicates=REPLICATES):
@@ -132,14 +123,7 @@ def test_batched_values_match_per_element_calls() -> None:
 
 @pytest.mark.parametrize(
     ("n", "m", "batch", "d"),
-    [
-        (2, 1, (), 3),
-        (5, 4, (), 1),
-        (4, 3, (3,), 1),
-        (3, 7, (2, 3), 4),
-        (6, 2, (2, 1, 2), 7),
-        (8, 5, (3,), 16),
-    ],
+    [(2, 1, (), 3), (5, 4, (), 1), (4, 3, (3,), 1), (3, 7, (2, 3), 4), (6, 2, (2, 1, 2), 7), (8, 5, (3,), 16)],
 )
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
 def test_matches_naive_double_loop(n, m, batch, d, beta) -> None:
@@ -160,10 +144,7 @@ def test_non_contiguous_inputs() -> None:
     samples = torch.randn(3, 5, 4, 6, generator=g).transpose(1, 2)  # (n=3, 4, 5, d=6)
     targets = torch.randn(2, 4, 5, 12, generator=g)[..., ::2]  # strided feature axis
     torch.testing.assert_close(
-        energy_score(samples, targets).double(),
-        _naive_score(samples, targets, 1.0),
-        rtol=1e-5,
-        atol=1e-5,
+        energy_score(samples, targets).double(), _naive_score(samples, targets, 1.0), rtol=1e-5, atol=1e-5
     )
 
 
@@ -179,9 +160,7 @@ def test_permuting_draws_changes_nothing() -> None:
     samples = torch.randn(7, 5, 9, generator=g)
     targets = torch.randn(11, 5, 9, generator=g)
     base = energy_score(samples, targets, beta=0.5)
-    shuffled = energy_score(
-        samples[torch.randperm(7, generator=g)], targets[torch.randperm(11, generator=g)], beta=0.5
-    )
+    shuffled = energy_score(samples[torch.randperm(7, generator=g)], targets[torch.randperm(11, generator=g)], beta=0.5)
     torch.testing.assert_close(shuffled, base, rtol=1e-5, atol=1e-6)
 
 
@@ -218,10 +197,7 @@ def test_float32_accurate_for_clustered_draws() -> None:
     torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=0.0)
     # Targets inside the cluster: every distance is ~1e-3 while the points sit 10 from the origin.
     torch.testing.assert_close(
-        energy_score(samples, samples[:2]).double(),
-        _naive_score(samples, samples[:2], 1.0),
-        rtol=1e-5,
-        atol=0.0,
+        energy_score(samples, samples[:2]).double(), _naive_score(samples, samples[:2], 1.0), rtol=1e-5, atol=0.0
     )
 
 
@@ -268,7 +244,6 @@ def test_float64_wins_mixed_dtypes() -> None:
     targets = torch.randn(2, 2, 4, dtype=torch.float64)
     assert energy_score(samples, targets).dtype == torch.float64
     assert energy_score(samples.double(), targets.float()).dtype == torch.float64
-
 
 
 def _autocast_case(d: int, device: str = "cpu"):
@@ -331,9 +306,7 @@ def test_gradcheck_float64(beta: float, batch: tuple) -> None:
     g = torch.Generator().manual_seed(7)
     samples = torch.randn(3, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randn(2, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda s, t: energy_loss(s, t, beta=beta, reduction="none"), (samples, targets)
-    )
+    assert torch.autograd.gradcheck(lambda s, t: energy_loss(s, t, beta=beta, reduction="none"), (samples, targets))
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
@@ -353,9 +326,7 @@ def test_coincident_points_give_the_zero_subgradient(beta, dtype, case) -> None:
     loss = energy_loss(leaf, targets, beta=beta, reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
-    torch.testing.assert_close(
-        loss.double(), -_naive_score(samples, targets, beta).sum(), rtol=1e-6, atol=0.0
-    )
+    torch.testing.assert_close(loss.double(), -_naive_score(samples, targets, beta).sum(), rtol=1e-6, atol=0.0)
     expected = _subgradient_of_sum_loss(samples, targets, beta)
     tol = (1e-12 if dtype == torch.float64 else 1e-5) * expected.abs().max().item()
     torch.testing.assert_close(leaf.grad.double(), expected, rtol=0.0, atol=tol)
@@ -369,9 +340,7 @@ def test_loss_reductions() -> None:
     none = energy_loss(samples, targets, beta=0.7, reduction="none")
     torch.testing.assert_close(none, -score)
     torch.testing.assert_close(energy_loss(samples, targets, beta=0.7), -score.mean())
-    torch.testing.assert_close(
-        energy_loss(samples, targets, beta=0.7, reduction="sum"), -score.sum()
-    )
+    torch.testing.assert_close(energy_loss(samples, targets, beta=0.7, reduction="sum"), -score.sum())
     assert energy_loss(samples[:, 0, 0], targets[:, 0, 0]).shape == ()
 
 
@@ -397,12 +366,7 @@ def test_unbiased_for_gaussians(mu1, s1, mu2, s2, n, m, seed) -> None:
 
 @pytest.mark.parametrize(
     ("mu1", "s1", "mu2", "s2", "m"),
-    [
-        (0.0, 1.0, 0.0, 1.0, 1),
-        (1.0, 1.0, -1.0, 0.5, 3),
-        (0.0, 2.0, 1.0, 1.0, 1),
-        (0.5, 1.0, 0.0, 2.0, 4),
-    ],
+    [(0.0, 1.0, 0.0, 1.0, 1), (1.0, 1.0, -1.0, 0.5, 3), (0.0, 2.0, 1.0, 1.0, 1), (0.5, 1.0, 0.0, 2.0, 4)],
 )
 def test_tolerance_detects_the_n_squared_bias(mu1, s1, mu2, s2, m) -> None:
     """Dividing the spread term by n^2 instead of n(n-1) (n = 2) must fail the check above."""
@@ -457,18 +421,10 @@ def _ok(n=3, m=2, batch=(4,), d=5, dtype=torch.float32):
             ValueError,
             r"targets must have shape \(m, 4, 5\).*got shape \(2, 3, 5\)",
         ),
-        (
-            lambda: (_ok()[0], torch.randn(2, 4, 6)),
-            ValueError,
-            r"targets must have shape \(m, 4, 5\)",
-        ),
+        (lambda: (_ok()[0], torch.randn(2, 4, 6)), ValueError, r"targets must have shape \(m, 4, 5\)"),
         (lambda: (_ok()[0], torch.randn(2, 5)), ValueError, r"targets must have shape"),
         (lambda: (_ok()[0], torch.randn(4, 5)), ValueError, r"targets\.unsqueeze\(0\)"),
-        (
-            lambda: (_ok()[0], torch.randn(2, 4, 5, device="meta")),
-            ValueError,
-            "same device",
-        ),
+        (lambda: (_ok()[0], torch.randn(2, 4, 5, device="meta")), ValueError, "same device"),
     ],
 )
 @pytest.mark.parametrize("fn", [energy_score, energy_loss])

@@ -137,10 +137,7 @@ def test_split_reciprocal_integers_snap_to_alpha_zero(n):
 # ----------------------------------------------------------------------------- exact sampler
 
 
-@pytest.mark.parametrize(
-    ("temperature", "events"),
-    [(0.5, False), (1 / 3, True), (0.7, True), (0.37, False)],
-)
+@pytest.mark.parametrize(("temperature", "events"), [(0.5, False), (1 / 3, True), (0.7, True), (0.37, False)])
 def test_exact_sampler_matches_tempered_distribution(temperature, events):
     batch = 30_000
     tokens = TOKENS if events else None
@@ -166,9 +163,7 @@ def test_exact_sampler_rows_have_their_own_distributions():
     batch = 16_000
     probs = torch.stack([P5, P5.flip(0)]).repeat_interleave(batch // 2, 0)  # two row groups
     sampler = CategoricalSampler(probs, batch, seed=3)
-    out = temperature_sample(
-        sampler, 0.6, pass_rows=True, batch_size=batch, generator=torch.Generator().manual_seed(4)
-    )
+    out = temperature_sample(sampler, 0.6, pass_rows=True, batch_size=batch, generator=torch.Generator().manual_seed(4))
     first, second = out.samples[: batch // 2], out.samples[batch // 2 :]
     assert chi2_pvalue(first, tempered(P5, 0.6)) > 1e-3
     assert chi2_pvalue(second, tempered(P5.flip(0), 0.6)) > 1e-3
@@ -179,9 +174,7 @@ def test_exact_sampler_rows_have_their_own_distributions():
 def test_draws_per_round_changes_neither_distribution_nor_draw_count(draws_per_round):
     batch = 20_000
     sampler = CategoricalSampler(P5, batch, seed=5)
-    out = temperature_sample(
-        sampler, 0.45, draws_per_round=draws_per_round, generator=torch.Generator().manual_seed(6)
-    )
+    out = temperature_sample(sampler, 0.45, draws_per_round=draws_per_round, generator=torch.Generator().manual_seed(6))
     assert all(k == draws_per_round for k, _ in sampler.calls)
     assert chi2_pvalue(out.samples, tempered(P5, 0.45)) > 1e-3
     assert_mean_within(out.draws, expected_draws(P5, 0.45))
@@ -213,16 +206,9 @@ def test_pass_rows_true_and_false_agree_given_the_same_draws(temperature):
     kwargs = dict(max_rounds=length // k, draws_per_round=k, on_exhausted="fallback")
     by_rows = StreamSampler(streams)
     a = temperature_sample(
-        by_rows,
-        temperature,
-        pass_rows=True,
-        batch_size=batch,
-        generator=torch.Generator().manual_seed(9),
-        **kwargs,
+        by_rows, temperature, pass_rows=True, batch_size=batch, generator=torch.Generator().manual_seed(9), **kwargs
     )
-    b = temperature_sample(
-        StreamSampler(streams), temperature, generator=torch.Generator().manual_seed(9), **kwargs
-    )
+    b = temperature_sample(StreamSampler(streams), temperature, generator=torch.Generator().manual_seed(9), **kwargs)
     assert not bool(a.exhausted.any())
     assert torch.equal(a.samples, b.samples) and torch.equal(a.draws, b.draws)
     # Rows are passed in ascending order from the first call until they accept, then never again:
@@ -247,11 +233,7 @@ def test_pass_rows_true_and_false_are_identically_distributed():
     for pass_rows, seed in [(True, 21), (False, 22)]:
         sampler = CategoricalSampler(P5, batch, seed=seed, tokens=TOKENS)
         out = temperature_sample(
-            sampler,
-            0.7,
-            pass_rows=pass_rows,
-            batch_size=batch,
-            generator=torch.Generator().manual_seed(seed + 100),
+            sampler, 0.7, pass_rows=pass_rows, batch_size=batch, generator=torch.Generator().manual_seed(seed + 100)
         )
         ids = decode(out.samples, TOKENS)
         assert chi2_pvalue(ids, tempered(P5, 0.7)) > 1e-3
@@ -296,10 +278,7 @@ def test_float_and_multidim_events_compare_whole_events():
 
 def test_sampler_on_empty_batch():
     out = temperature_sample(
-        lambda k, rows: torch.zeros(k, rows.numel(), 2, dtype=torch.long),
-        0.5,
-        pass_rows=True,
-        batch_size=0,
+        lambda k, rows: torch.zeros(k, rows.numel(), 2, dtype=torch.long), 0.5, pass_rows=True, batch_size=0
     )
     assert out.samples.shape == (0, 2) and out.draws.shape == (0,)
 
@@ -323,8 +302,7 @@ def expected_draws_spanning(p: torch.Tensor, temperature: float, per_call: int) 
 
 
 @pytest.mark.parametrize(
-    ("temperature", "per_call", "pass_rows"),
-    [(0.2, 2, False), (0.2, 3, True), (0.22, 3, False), (1 / 3, 2, True)],
+    ("temperature", "per_call", "pass_rows"), [(0.2, 2, False), (0.2, 3, True), (0.22, 3, False), (1 / 3, 2, True)]
 )
 def test_attempts_spanning_calls_are_exact(temperature, per_call, pass_rows):
     """n = floor(1/T) > max_draws_per_call: the tempered law and the mean cost are exact."""
@@ -359,9 +337,7 @@ def test_attempt_spans_calls_given_the_draws():
     )
     for pass_rows in (False, True):
         sampler = StreamSampler(streams)
-        out = temperature_sample(
-            sampler, 0.2, max_draws_per_call=2, pass_rows=pass_rows, batch_size=3
-        )
+        out = temperature_sample(sampler, 0.2, max_draws_per_call=2, pass_rows=pass_rows, batch_size=3)
         assert out.samples.tolist() == [7, 3, 6]
         # row 1: 4 draws of the failed attempt (2 + 2) and 5 of the accepted one; the second draw
         # of call 5 is left over. Row 2: 2 + 5, the last call's second draw left over.
@@ -388,9 +364,7 @@ def test_low_temperature_memory_is_bounded():
         return sampler(k)
 
     with pytest.warns(TemperatureFallbackWarning, match="3 of 3 row"):
-        out = temperature_sample(
-            recording, 1e-6, max_rounds=4, max_draws_per_call=64, on_exhausted="fallback"
-        )
+        out = temperature_sample(recording, 1e-6, max_rounds=4, max_draws_per_call=64, on_exhausted="fallback")
     assert asked == [64] * 4 and out.draws.tolist() == [4 * 64] * batch
 
 
@@ -450,9 +424,7 @@ def test_fallback_with_several_attempts_per_round_returns_the_latest_attempt():
     batch, rounds = 4, 3
     sampler, state = counter_sampler(batch)
     with pytest.warns(TemperatureFallbackWarning, match="4 of 4 row"):
-        out = temperature_sample(
-            sampler, 0.5, max_rounds=rounds, draws_per_round=5, on_exhausted="fallback"
-        )
+        out = temperature_sample(sampler, 0.5, max_rounds=rounds, draws_per_round=5, on_exhausted="fallback")
     assert out.num_exhausted == batch
     assert torch.equal(out.samples, state["last"][2])  # first draw of the second attempt
     assert torch.equal(out.draws, torch.full((batch,), rounds * 4))
@@ -549,9 +521,7 @@ def test_bad_sampler_outputs_raise():
     with pytest.raises(ValueError, match=r"shape \(k, batch, \*event\) with k=2"):
         temperature_sample(lambda k: torch.zeros(k + 1, 3, dtype=torch.long), 0.5)
     with pytest.raises(ValueError, match=r"len\(rows\)=4"):
-        temperature_sample(
-            lambda k, rows: torch.zeros(k, 3, dtype=torch.long), 0.5, pass_rows=True, batch_size=4
-        )
+        temperature_sample(lambda k, rows: torch.zeros(k, 3, dtype=torch.long), 0.5, pass_rows=True, batch_size=4)
     shapes = iter([(2, 3, 2), (2, 3, 5)])
     with pytest.raises(ValueError, match="changed its event shape"):
         temperature_sample(lambda k: torch.arange(math.prod(s := next(shapes))).view(s), 0.5)
@@ -573,10 +543,7 @@ def test_factory_acceptance_and_flips_match_closed_form(p, alpha, flips_per_call
     rows = 10_000
     gen = torch.Generator().manual_seed(1)
     res = bernoulli_factory_power(
-        coin_for(torch.full((rows,), p, dtype=torch.float64), gen),
-        alpha,
-        flips_per_call=flips_per_call,
-        generator=gen,
+        coin_for(torch.full((rows,), p, dtype=torch.float64), gen), alpha, flips_per_call=flips_per_call, generator=gen
     )
     assert isinstance(res, BernoulliFactoryResult) and not bool(res.exhausted.any())
     q = p**alpha
@@ -589,9 +556,7 @@ def test_factory_rejects_wrong_exponent():
     """Power check: with 20k rows the 5-SE test tells p^0.5 from p and from p^0.4."""
     rows, p = 20_000, 0.3
     gen = torch.Generator().manual_seed(2)
-    res = bernoulli_factory_power(
-        coin_for(torch.full((rows,), p, dtype=torch.float64), gen), 0.5, generator=gen
-    )
+    res = bernoulli_factory_power(coin_for(torch.full((rows,), p, dtype=torch.float64), gen), 0.5, generator=gen)
     rate, se = float(res.outcome.double().mean()), math.sqrt(0.25 / rows)
     assert abs(rate - p**0.5) < 5 * se
     assert abs(rate - p) > 5 * se and abs(rate - p**0.4) > 5 * se
@@ -617,9 +582,7 @@ def test_factory_edge_cases():
     assert bool((res.flips == 1).all())
     assert abs(float(res.outcome.double().mean()) - 0.3) < 5 * math.sqrt(0.21 / 4000)
     # A coin that never lands heads: False, or exhausted (and False) after max_steps flips.
-    res = bernoulli_factory_power(
-        coin_for(torch.zeros(2000), gen), 0.5, max_steps=50, generator=gen
-    )
+    res = bernoulli_factory_power(coin_for(torch.zeros(2000), gen), 0.5, max_steps=50, generator=gen)
     assert not bool(res.outcome.any())
     assert bool(res.exhausted.any()) and bool((res.flips[res.exhausted] == 50).all())
     assert bool((res.flips[~res.exhausted] <= 50).all())
@@ -770,11 +733,7 @@ def test_batched_fallback_when_no_value_reaches_n(weight_path):
 def test_batched_choice_is_a_supported_candidate(row, temperature, seed):
     cands = torch.tensor(row)[:, None].expand(-1, 64, -1)  # (N, 64, 2)
     events, index = batched_temperature_sample(
-        cands,
-        temperature,
-        event_ndim=1,
-        generator=torch.Generator().manual_seed(seed),
-        return_index=True,
+        cands, temperature, event_ndim=1, generator=torch.Generator().manual_seed(seed), return_index=True
     )
     assert bool(((index >= 0) & (index < len(row))).all())
     assert torch.equal(events, cands[index, torch.arange(64)])
@@ -862,14 +821,10 @@ def test_batched_nan_events_are_groups_of_their_own(dtype, weight_path):
     cands = row[:, None].expand(5, reps, 2)  # (N=5, reps, 2)
     gen = torch.Generator().manual_seed(7)
     # T = 1/2: binom(2, 2) = 1 for (2, 2), binom(1, 2) = 0 for everything else.
-    events, index = batched_temperature_sample(
-        cands, 0.5, event_ndim=1, generator=gen, return_index=True
-    )
+    events, index = batched_temperature_sample(cands, 0.5, event_ndim=1, generator=gen, return_index=True)
     assert bool((events == 2.0).all()) and bool((index == 1).all())
     # T = 1: a uniformly chosen draw, each NaN draw with its own index.
-    events, index = batched_temperature_sample(
-        cands, 1.0, event_ndim=1, generator=gen, return_index=True
-    )
+    events, index = batched_temperature_sample(cands, 1.0, event_ndim=1, generator=gen, return_index=True)
     counts = torch.bincount(index, minlength=5)
     assert chisquare(counts[[0, 1, 2, 4]].numpy(), [reps / 5, 2 * reps / 5, reps / 5, reps / 5]).pvalue > 1e-4
     assert counts[3] == 0  # the second (2, 2) is never the reported index: the first copy is
@@ -898,8 +853,7 @@ def test_batched_any_number_of_batch_axes():
     """(N, *batch, *event) with 0, 1 or 2 batch axes: the same choices as one flat batch axis."""
     cands = torch.randint(0, 3, (12, 6, 5, 2), generator=torch.Generator().manual_seed(10))
     flat_events, flat_index = batched_temperature_sample(
-        cands.reshape(12, 30, 2), 0.6, event_ndim=1, generator=torch.Generator().manual_seed(11),
-        return_index=True,
+        cands.reshape(12, 30, 2), 0.6, event_ndim=1, generator=torch.Generator().manual_seed(11), return_index=True
     )
     events, index = batched_temperature_sample(
         cands, 0.6, event_ndim=1, generator=torch.Generator().manual_seed(11), return_index=True
@@ -939,10 +893,7 @@ def test_event_keys_are_injective(dtype, high, width, sliced):
     x = x[:, :width] if sliced else x[:, :width].contiguous()
     strided = torch.zeros(x.shape[0], 2 * width, dtype=dtype)
     strided[:, ::2] = x
-    assert (
-        torch.unique(temperature_module._event_keys(strided[:, ::2])).numel()
-        == (torch.unique(x, dim=0).shape[0])
-    )
+    assert torch.unique(temperature_module._event_keys(strided[:, ::2])).numel() == (torch.unique(x, dim=0).shape[0])
     keys = temperature_module._event_keys(x)
     assert keys.shape == (3000,) and keys.dtype == torch.int64
     assert torch.unique(keys).numel() == torch.unique(x, dim=0).shape[0]
@@ -952,13 +903,9 @@ def test_batched_numpy_and_torch_row_sorts_agree(monkeypatch):
     # The CPU path sorts rows with NumPy; other devices use torch.sort. Both must give exactly
     # the same choices for the same uniforms.
     cands = torch.randint(0, 4, (20, 300, 2), generator=torch.Generator().manual_seed(5))
-    expected = batched_temperature_sample(
-        cands, 0.4, event_ndim=1, generator=torch.Generator().manual_seed(6)
-    )
+    expected = batched_temperature_sample(cands, 0.4, event_ndim=1, generator=torch.Generator().manual_seed(6))
     monkeypatch.setattr(temperature_module, "_sort_rows", lambda k: torch.sort(k, dim=1).values)
-    got = batched_temperature_sample(
-        cands, 0.4, event_ndim=1, generator=torch.Generator().manual_seed(6)
-    )
+    got = batched_temperature_sample(cands, 0.4, event_ndim=1, generator=torch.Generator().manual_seed(6))
     assert torch.equal(got, expected)
 
 
@@ -979,13 +926,9 @@ def test_batched_reproducible_and_empty():
     a = batched_temperature_sample(cands, 0.6, generator=torch.Generator().manual_seed(1))
     b = batched_temperature_sample(cands, 0.6, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    events, index = batched_temperature_sample(
-        torch.zeros(5, 0, 3), 0.5, event_ndim=1, return_index=True
-    )
+    events, index = batched_temperature_sample(torch.zeros(5, 0, 3), 0.5, event_ndim=1, return_index=True)
     assert events.shape == (0, 3) and index.shape == (0,)
-    events, index = batched_temperature_sample(
-        torch.zeros(5, 2, 3, 0), 0.5, event_ndim=1, return_index=True
-    )
+    events, index = batched_temperature_sample(torch.zeros(5, 2, 3, 0), 0.5, event_ndim=1, return_index=True)
     assert events.shape == (2, 3, 0) and index.shape == (2, 3)
 
 
@@ -1022,9 +965,7 @@ def test_cuda_exact_and_batched():
         ids = torch.multinomial(probs, k * rows.numel(), True, generator=gen)
         return ids.view(k, rows.numel())
 
-    out = temperature_sample(
-        sampler, 0.7, pass_rows=True, batch_size=batch, device=dev, generator=gen
-    )
+    out = temperature_sample(sampler, 0.7, pass_rows=True, batch_size=batch, device=dev, generator=gen)
     assert out.samples.device.type == "cuda"
     assert chi2_pvalue(out.samples.cpu(), tempered(P5, 0.7)) > 1e-3
     cands = torch.multinomial(probs, batch * 64, True, generator=gen).view(64, batch)
