@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU", "atomic_write", "check_int", "check_tokens", "to_json"]
-
 
 class RMSNorm(nn.Module):
     r"""Root-mean-square layer norm over the last axis: :math:`x / \sqrt{\mathrm{mean}(x^2) + \epsilon} \odot w`.

@@ -38,8 +38,6 @@ from calm_models import flops
 from calm_models._layers import RMSNorm, SwiGLU, check_int, check_tokens
 from calm_models.config import AutoencoderConfig
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "reconstruction_accuracy", "robustness_table"]
-
 
 class _Residual(nn.Module):
     """``x + SwiGLU(RMSNorm(x))``."""

@@ -25,8 +25,6 @@ from torch import nn
 from calm_models._layers import RMSNorm, SwiGLU
 from calm_models.config import BackboneConfig
 
-__all__ = ["Backbone", "BackboneConfig", "KVCache", "apply_rotary", "causal_mask", "padded_causal_mask"]
-
 
 def causal_mask(q_len: int, kv_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """``(t, s)`` bool mask for ``t`` new queries after ``s - t`` cached keys (query ``i`` sits at ``s - t + i``).

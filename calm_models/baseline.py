@@ -22,8 +22,6 @@ from calm_models.backbone import Backbone, KVCache, padded_causal_mask
 from calm_models.config import TokenLMConfig
 from calm_models.protocol import Generation, check_positions, left_pad
 
-__all__ = ["BrierTerms", "TokenLM", "TokenLMConfig"]
-
 
 class BrierTerms(NamedTuple):
     r"""The two terms of the Brier-n estimate at each position, each ``(b, P, n)``.

@@ -54,21 +54,6 @@ from torch import nn
 from calm_models._layers import atomic_write
 from calm_models.config import config_to_dict, diff_configs, flatten_config
 
-__all__ = [
-    "CheckpointError",
-    "capture_rng_state",
-    "checkpoint_problem",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_weights",
-    "newest_sound_checkpoint",
-    "read_meta",
-    "resolve_checkpoint",
-    "restore_rng_state",
-    "save_checkpoint",
-]
-
 FORMAT_VERSION = 2
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = ("model.safetensors", "train_state.pt", "config.yaml", "meta.json")
 _TRANSIENT = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")

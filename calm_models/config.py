@@ -33,29 +33,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "AutoencoderConfig",
-    "BackboneConfig",
-    "CALMConfig",
-    "ConfigError",
-    "DataConfig",
-    "HeadConfig",
-    "OptimConfig",
-    "PRESETS",
-    "PipelineConfig",
-    "RunConfig",
-    "ScheduleConfig",
-    "STAGES",
-    "TokenLMConfig",
-    "TrainConfig",
-    "config_to_dict",
-    "diff_configs",
-    "flatten_config",
-    "load_config",
-    "preset",
-    "save_config",
-]
-
 #: Stages of :func:`calm_models.train.train`.
 STAGES = ("autoencoder", "calm", "ar")
 HEAD_TYPES = ("energy", "energy_mlp", "flow", "diffusion")

@@ -44,8 +44,6 @@ from calm_models.config import (
 from calm_models.data import DataError, TextTokenizer
 from calm_models.runs import build_model
 
-__all__ = ["ConversionError", "convert", "main"]
-
 _SWIGLU = {"mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2", "layernorm": "norm"}
 _BACKBONE = {
     "input_layernorm": "attn_norm",

@@ -40,24 +40,6 @@ from tqdm.auto import tqdm
 from calm_models._layers import atomic_write
 from calm_models.config import DataConfig
 
-__all__ = [
-    "BlockLoader",
-    "DataConfig",
-    "DataError",
-    "Document",
-    "PackedBlocks",
-    "TextTokenizer",
-    "TokenCache",
-    "build_token_cache",
-    "default_cache_dir",
-    "detect_format",
-    "encode_documents",
-    "expand_paths",
-    "prepare_data",
-    "read_documents",
-    "stdlib_source_files",
-]
-
 logger = logging.getLogger(__name__)
 
 #: Token strings tried, in order, as the EOS of a loaded tokenizer.

@@ -22,17 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "DistInfo",
-    "all_reduce_mean",
-    "autocast_context",
-    "barrier",
-    "cleanup",
-    "init_distributed",
-    "resolve_device",
-    "wrap_model",
-]
-
 
 @dataclass(frozen=True)
 class DistInfo:

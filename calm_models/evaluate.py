@@ -29,8 +29,6 @@ from calm_models._layers import atomic_write, to_json
 from calm_models.protocol import LanguageModel
 from likelihood_free.brier import BrierLM, BrierLMResult
 
-__all__ = ["evaluate_brier_lm", "evaluation_starts", "format_result", "main"]
-
 
 def evaluation_starts(length: int, stride: int, max_order: int = 4) -> torch.Tensor:
     """Positions ``[stride, 2*stride, ...]`` with ``s + max_order <= length``, or a ``ValueError``.

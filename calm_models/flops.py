@@ -23,8 +23,6 @@ from torch import nn
 
 from calm_models.config import BackboneConfig
 
-__all__ = ["autoencoder_flops", "backbone_flops", "calm_flops", "head_flops", "linear_flops", "token_lm_flops"]
-
 
 def linear_flops(*modules: nn.Module) -> float:
     """Forward FLOPs of one pass through every ``nn.Linear`` inside ``modules``.

@@ -23,8 +23,6 @@ import torch
 
 from calm_models.protocol import Generation
 
-__all__ = ["generate_text", "main"]
-
 
 def generate_text(
     run,

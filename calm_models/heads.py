@@ -35,8 +35,6 @@ from calm_models._layers import check_int
 from calm_models.config import HeadConfig
 from likelihood_free.energy import energy_loss
 
-__all__ = ["DiffusionHead", "EnergyHead", "FlowHead", "HeadConfig", "NoiseToDataHead", "build_head"]
-
 _TIME_FEATURES = 256  # size of the sinusoidal time features (DiT, MAR)
 
 

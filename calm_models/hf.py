@@ -30,8 +30,6 @@ from calm_models.baseline import _sample_next, _sample_with_logprob
 from calm_models.config import DataConfig, TrainConfig
 from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad
 
-__all__ = ["HFLanguageModel", "load_hf_run"]
-
 
 class HFLanguageModel(nn.Module):
     """A ``transformers`` causal LM with the methods of :class:`~calm_models.protocol.LanguageModel`.

@@ -35,8 +35,6 @@ import torch
 
 from calm_models._layers import atomic_write, to_json
 
-__all__ = ["MetricsLogger", "read_metrics"]
-
 _FIRST_COLUMNS = ("step", "split", "time")
 
 

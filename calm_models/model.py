@@ -29,8 +29,6 @@ from calm_models.protocol import Generation, check_positions, cut_at_eos, left_p
 from likelihood_free.brier import brier_estimate
 from likelihood_free.temperature import batched_temperature_sample, temperature_sample
 
-__all__ = ["CALM", "CALMConfig", "InputCompressor", "SAMPLERS"]
-
 #: Valid values of the ``sampler`` argument of :meth:`CALM.generate`.
 SAMPLERS = ("exact", "batch")
 #: The exact sampler refuses temperatures below ``1 / EXACT_MAX_DRAWS`` (an attempt needs

@@ -37,16 +37,6 @@ from torch import nn
 
 from calm_models.config import _BUILTIN_OPTIMIZERS, _TORCH_OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
 
-__all__ = [
-    "OptimConfig",
-    "ScheduleConfig",
-    "available_optimizers",
-    "build_optimizer",
-    "build_scheduler",
-    "decay_param_groups",
-    "lr_factor",
-]
-
 _INSTALL_HINT = "pip install torch-optimizer (or the project's [dev] extra)"
 
 

@@ -22,8 +22,6 @@ from typing import Any
 
 from calm_models.metrics import read_metrics
 
-__all__ = ["main", "plot_metrics"]
-
 _TOKEN_KEYS = ("tokens", "tokens_seen", "tokens_processed")
 _TITLES = {"loss": "loss", "brier_lm": "BrierLM", "accuracy": "reconstruction accuracy"}
 

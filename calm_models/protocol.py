@@ -18,8 +18,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from calm_models._layers import check_int, check_tokens
 
-__all__ = ["Generation", "LanguageModel", "check_positions", "left_pad"]
-
 
 @dataclass
 class Generation:

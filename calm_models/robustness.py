@@ -19,8 +19,6 @@ import torch
 
 from calm_models._layers import atomic_write, to_json
 
-__all__ = ["SIGMAS", "main"]
-
 #: Noise levels of the report.
 SIGMAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 

@@ -22,8 +22,6 @@ from calm_models.data import DataError, PackedBlocks, TextTokenizer, encode_docu
 from calm_models.distributed import resolve_device
 from calm_models.model import CALM
 
-__all__ = ["LoadedRun", "RunError", "build_model", "load_run"]
-
 
 class RunError(RuntimeError):
     """A run or checkpoint cannot be turned into a model (a one-line message)."""

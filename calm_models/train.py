@@ -54,8 +54,6 @@ from calm_models.metrics import MetricsLogger
 from calm_models.optim import build_optimizer, build_scheduler
 from calm_models.runs import RunError, build_model, load_run
 
-__all__ = ["TrainError", "TrainResult", "main", "run_pipeline", "train"]
-
 
 class TrainError(RuntimeError):
     """Training cannot start or go on (a one-line message)."""
