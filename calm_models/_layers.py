@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
     Computed in fp32 (fp64 stays fp64) and cast back, so it is safe under bf16 autocast.
 
     Example:
-        >>> RMSNorm(4)(torch.tensor([[2.0, -2.0, 2.0, -2.0]])).detach()
+        >>> RMSNorm(4)(torch.tensor([[2.0, -2.0, 2.0, -2.0]])).detach().round()
         tensor([[ 1., -1.,  1., -1.]])
     """
 
@@ -70,28 +70,22 @@ def check_int(value: object, name: str, minimum: int) -> int:
     return value
 
 
+def is_int_tensor(value: object) -> bool:
+    """Whether ``value`` is a tensor of an integer dtype (not bool)."""
+    return isinstance(value, torch.Tensor) and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    )
+
+
 def check_tokens(
     tokens: object, name: str = "tokens", *, vocab_size: int | None = None, ndim: int | None = 2, multiple_of: int = 1
 ) -> torch.Tensor:
-    """Token ids as an int64 tensor, or a clear error naming ``name``.
+    """Token ids of any integer dtype as an int64 tensor, or a ``TypeError``/``ValueError`` naming ``name``.
 
-    Any integer dtype is accepted. On the CPU the ids are checked against ``vocab_size`` and
-    the first out-of-range id is named; on an accelerator the check would force a
+    ``ndim`` is the required number of axes (``None``: at least one) and ``multiple_of`` divides
+    the last axis (the chunk size ``K``). On the CPU the ids are checked against ``[0, vocab_size)``
+    (``None``: not checked) and the first bad one is named; on an accelerator that would force a
     synchronisation, so it is left to the embedding lookup.
-
-    Args:
-        tokens: Candidate token ids.
-        name: Argument name used in the messages.
-        vocab_size: Valid ids are ``[0, vocab_size)``; ``None`` skips the check.
-        ndim: Required number of axes (``None``: at least one).
-        multiple_of: The last axis must be a multiple of this (the chunk size ``K``).
-
-    Returns:
-        ``tokens`` as an int64 tensor.
-
-    Raises:
-        TypeError: Not an integer tensor.
-        ValueError: Wrong shape or an id out of range.
 
     Example:
         >>> check_tokens(torch.tensor([[1, 7]]), vocab_size=5)
@@ -99,12 +93,7 @@ def check_tokens(
         ...
         ValueError: tokens must hold ids in [0, 5), got 7 at position (0, 1)
     """
-    if (
-        not isinstance(tokens, torch.Tensor)
-        or tokens.is_floating_point()
-        or tokens.is_complex()
-        or tokens.dtype == torch.bool
-    ):
+    if not is_int_tensor(tokens):
         got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise TypeError(f"{name} must be an integer tensor of token ids, got {got}")
     if (ndim is not None and tokens.dim() != ndim) or tokens.dim() < 1 or tokens.shape[-1] % multiple_of:
@@ -122,18 +111,23 @@ def check_tokens(
     return tokens.long()
 
 
+def masked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and greedy accuracy of ``logits (*, V)`` at ``targets (*)`` over the ``True`` of ``mask``."""
+    weight = torch.ones(targets.shape, device=targets.device) if mask is None else mask.reshape(targets.shape).float()
+    count = weight.sum().clamp_min(1)
+    ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+    hits = (logits.detach().argmax(-1) == targets).float()
+    return (ce * weight.flatten()).sum() / count, (hits * weight).sum() / count
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], None]) -> Path:
-    """Write a file so that readers see the old or the new content, never a part.
+    """Write ``data`` (bytes, or a function writing to the open binary file) to ``path`` atomically.
 
-    The content goes to a temporary file in the same directory, is flushed to disk, and the
-    temporary file is renamed over ``path`` (``os.replace`` is atomic).
-
-    Args:
-        path: Destination; its parent directories are created.
-        data: The bytes, or a function that writes them to the open binary file.
-
-    Returns:
-        ``path``.
+    Readers see the old or the new content, never a part: the content goes to a temporary file
+    in the same directory (created with its parents), is flushed to disk and renamed over
+    ``path`` (``os.replace`` is atomic). Returns ``path``.
 
     Example:
         >>> import tempfile

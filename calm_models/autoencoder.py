@@ -1,15 +1,12 @@
 """The robust variational autoencoder of CALM: ``K`` tokens <-> one continuous latent vector.
 
-CALM (Shao et al. 2025, Sec. 2) compresses every chunk of ``K`` tokens into one vector and
-reconstructs the chunk from it; the language model then predicts vectors. The autoencoder is
-*robust* so that the small errors of a generative model still decode correctly:
-
-* variational: the encoder gives ``N(mean, diag(std^2))``, the decoder is trained on
-  reparameterised samples;
-* the KL to ``N(0, I)`` is weighted by ``kl_weight`` and clamped **below** per dimension,
-  ``max(KL_d, kl_clamp)`` (free bits: dimensions with a small KL get no gradient from it);
-* in training 15% of the input tokens are masked (their embedding zeroed) and 15% of the
-  latent coordinates dropped.
+CALM (Shao et al. 2025, Sec. 2) compresses every chunk of ``K`` tokens into one vector, which the
+language model predicts and the decoder turns back into the chunk. The autoencoder is *robust*,
+so that the small errors of a generative model still decode correctly: it is variational (the
+encoder gives ``N(mean, diag(std^2))``, the decoder is trained on reparameterised samples), its
+KL to ``N(0, I)`` is weighted by ``kl_weight`` and clamped **below** per dimension,
+``max(KL_d, kl_clamp)`` (free bits: dimensions with a small KL get no gradient from it), and in
+training 15% of the input tokens are masked (embedding zeroed) and 15% of the latent dropped.
 
 Architecture (pre-RMSNorm residual SwiGLU layers, bias-free except the latent projection)::
 
@@ -35,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_models import flops
-from calm_models._layers import RMSNorm, SwiGLU, check_int, check_tokens
+from calm_models._layers import RMSNorm, SwiGLU, check_int, check_tokens, masked_cross_entropy
 from calm_models.config import AutoencoderConfig
 
 
@@ -74,8 +71,7 @@ class _Encoder(nn.Module):
         x = self.squeeze(self.token_norm(x).flatten(-2))  # (N, C, H)
         for layer in self.chunk_layers:
             x = layer(x)
-        mean, log_std = self.to_latent(self.norm(x)).chunk(2, dim=-1)  # (N, C, l) each
-        return mean, log_std
+        return self.to_latent(self.norm(x)).chunk(2, dim=-1)  # mean, log_std: (N, C, l) each
 
 
 class _Decoder(nn.Module):
@@ -104,15 +100,12 @@ class _Decoder(nn.Module):
 class Autoencoder(nn.Module):
     """Robust variational autoencoder mapping ``K`` tokens to one latent vector and back.
 
-    :meth:`loss` (also ``forward``) is the training objective; it alone looks at
-    ``self.training`` (masking, sampling and dropout in training mode, the posterior mean in
-    eval mode). The inference methods behave the same in both modes. The output layer is tied
-    to the token embedding (``logits = hidden @ embedding.weight.T``), a functional tie, so the
-    state dict holds the matrix once. A masked token's *embedding* is zeroed, so no special
-    token id is needed.
-
-    Initialisation: linear weights and the embedding ``N(0, init_std^2)``; the down projection
-    of each residual layer is scaled by ``1/sqrt(R)`` (``R`` residual layers in all).
+    Only :meth:`loss` (also ``forward``) depends on ``self.training`` (masking, sampling and
+    dropout in training mode, the posterior mean in eval mode). The output layer is tied to the
+    token embedding (``logits = hidden @ embedding.weight.T``, stored once); a masked token's
+    *embedding* is zeroed, so no special token id is needed. Initialisation: linear weights and
+    the embedding ``N(0, init_std^2)``, each residual down projection scaled by ``1/sqrt(R)``
+    (``R`` residual layers in all).
 
     Example:
         >>> ae = Autoencoder(AutoencoderConfig(vocab_size=50, latent_size=8, hidden_size=16))
@@ -186,16 +179,12 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Token logits ``(*b, C*K, V)`` of latents ``(*b, C, l)``."""
-        if (
-            not isinstance(z, torch.Tensor)
-            or not z.is_floating_point()
-            or z.dim() < 2
-            or z.shape[-1] != self.latent_size
-        ):
+        size = self.latent_size
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() < 2 or z.shape[-1] != size:
             got = f"{z.dtype} {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must be a float tensor (*b, C, latent_size={self.latent_size}), got {got}")
+            raise ValueError(f"z must be a float tensor (*b, C, latent_size={size}), got {got}")
         *batch, chunks, _ = z.shape
-        logits = self._logits(z.reshape(-1, chunks, self.latent_size))  # (N, C*K, V)
+        logits = self._logits(z.reshape(-1, chunks, size))  # (N, C*K, V)
         return logits.reshape(*batch, chunks * self.chunk_size, self.vocab_size)
 
     @torch.no_grad()
@@ -234,10 +223,7 @@ class Autoencoder(nn.Module):
     ) -> torch.Tensor:
         """``argmax decode(mean + noise_std * eps)``: token ids ``(*b, L)``."""
         noise_std = _check_sigma(noise_std, "noise_std")
-        mean, _ = self.encode(tokens)
-        if noise_std > 0:
-            mean = mean + noise_std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.decode(mean).argmax(dim=-1)
+        return self.decode(_perturb(self.encode(tokens)[0], noise_std, generator)).argmax(dim=-1)
 
     def loss(
         self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -272,10 +258,8 @@ class Autoencoder(nn.Module):
             raise ValueError(f"tokens must hold at least one chunk, got shape {tuple(tokens.shape)}")
         if self.training and cfg.random_token_prob > 0:
             u = torch.rand(flat.shape, generator=generator, device=flat.device)
-            noise = torch.randint(
-                self.vocab_size, flat.shape, generator=generator, device=flat.device, dtype=flat.dtype
-            )
-            flat = torch.where(u < cfg.random_token_prob, noise, flat)
+            ids = torch.randint(self.vocab_size, flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+            flat = torch.where(u < cfg.random_token_prob, ids, flat)
         emb = self.embedding(flat)  # (N, L, H)
         if self.training and cfg.mask_prob > 0:
             u = torch.rand(flat.shape, generator=generator, device=flat.device)
@@ -287,22 +271,12 @@ class Autoencoder(nn.Module):
             if cfg.latent_dropout > 0:
                 u = torch.rand(z.shape, generator=generator, device=z.device)
                 z = z * (u >= cfg.latent_dropout).to(z.dtype) / (1 - cfg.latent_dropout)
-        logits = self._logits(z).float()  # (N, L, V)
-        weight = torch.ones(flat.shape, device=flat.device) if mask is None else mask.reshape(flat.shape).float()
-        ce_all = F.cross_entropy(logits.flatten(0, 1), flat.flatten(), reduction="none")
-        ce = (ce_all * weight.flatten()).sum() / weight.sum().clamp_min(1)
+        ce, accuracy = masked_cross_entropy(self._logits(z).float(), flat, mask)  # logits (N, L, V)
         kl_dim = 0.5 * (mean.square() + (2 * log_std).exp() - 1) - log_std  # (N, C, l)
         kl = kl_dim.clamp(min=cfg.kl_clamp).sum(-1).mean()
-        with torch.no_grad():
-            hits = (logits.argmax(-1) == flat).float() * weight
-            accuracy = hits.sum() / weight.sum().clamp_min(1)
-        return {
-            "loss": self.chunk_size * ce + cfg.kl_weight * kl,
-            "ce": ce.detach(),
-            "kl": kl.detach(),
-            "kl_raw": kl_dim.detach().sum(-1).mean(),
-            "accuracy": accuracy,
-        }
+        kl_raw = kl_dim.detach().sum(-1).mean()
+        loss = self.chunk_size * ce + cfg.kl_weight * kl
+        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "kl_raw": kl_raw, "accuracy": accuracy}
 
     forward = loss
 
@@ -311,6 +285,13 @@ def _check_sigma(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return float(value)
+
+
+def _perturb(mean: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``mean + sigma * N(0, I)``; ``mean`` itself (no draw) when ``sigma = 0``."""
+    if sigma == 0:
+        return mean
+    return mean + sigma * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
 @torch.no_grad()
@@ -355,14 +336,7 @@ def robustness_table(
         for tokens in tokens_batches:
             tokens = ae._tokens(tokens, "tokens_batches[i]")
             mean, _ = ae.encode(tokens)  # (*b, C, l)
-            hits = []
-            for sigma in sigma_list:
-                noise = (
-                    torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                    if sigma > 0
-                    else 0.0
-                )
-                hits.append((ae.decode(mean + sigma * noise).argmax(-1) == tokens).sum())
+            hits = [(ae.decode(_perturb(mean, s, generator)).argmax(-1) == tokens).sum() for s in sigma_list]
             correct = correct + torch.stack(hits)
             count += tokens.numel()
         if count == 0:

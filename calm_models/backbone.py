@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_models._layers import RMSNorm, SwiGLU
+from calm_models._layers import RMSNorm, SwiGLU, is_int_tensor
 from calm_models.config import BackboneConfig
 
 
@@ -137,13 +137,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``t`` new keys/values ``(b, G, t, d)`` of one layer; return all ``(b, G, length + t, d)``."""
-        if (
-            k.shape != v.shape
-            or k.dim() != 4
-            or k.shape[:2] != self.k[layer].shape[:2]
-            or k.shape[3] != self.k[layer].shape[3]
-        ):
-            b, g, _, d = self.k[layer].shape
+        b, g, _, d = self.k[layer].shape
+        if k.shape != v.shape or k.dim() != 4 or (*k.shape[:2], k.shape[3]) != (b, g, d):
             raise ValueError(
                 f"KVCache.update: k and v must be ({b}, {g}, t, {d}), got {tuple(k.shape)} and {tuple(v.shape)}"
             )
@@ -164,13 +159,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Keep, reorder or repeat rows in place (``index_select`` along the batch); returns self."""
-        if (
-            not isinstance(rows, torch.Tensor)
-            or rows.dim() != 1
-            or rows.numel() == 0
-            or rows.is_floating_point()
-            or rows.dtype == torch.bool
-        ):
+        if not is_int_tensor(rows) or rows.dim() != 1 or rows.numel() == 0:
             raise ValueError(f"KVCache.select: rows must be a non-empty 1-D integer tensor, got {rows!r}")
         rows = rows.to(self.k[0].device)
         self.k = [buf.index_select(0, rows) for buf in self.k]
@@ -252,16 +241,9 @@ class Backbone(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty :class:`KVCache` on the parameters' device and dtype (``max_len``: ``cfg.max_seq_len``)."""
-        p = self.norm.weight
-        return KVCache(
-            self.cfg.num_layers,
-            batch_size,
-            self.cfg.resolved_kv_heads,
-            max_len or self.cfg.max_seq_len,
-            self.cfg.head_dim,
-            device=p.device,
-            dtype=p.dtype,
-        )
+        cfg, p = self.cfg, self.norm.weight
+        shape = (batch_size, cfg.resolved_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
+        return KVCache(cfg.num_layers, *shape, device=p.device, dtype=p.dtype)
 
     def forward(
         self,
@@ -274,7 +256,6 @@ class Backbone(nn.Module):
         """Hidden states ``(b, t, h)`` of inputs ``x (b, t, h)`` (see the module's masking rules).
 
         Args:
-            x: Inputs ``(b, t, h)``.
             position_ids: Integer positions ``(b|1, t)``; default ``cache.length + arange(t)``.
             attn_mask: Bool mask broadcastable to ``(b, H, t, s)``.
             cache: Optional :class:`KVCache`; it receives the new keys and advances by ``t``.
@@ -294,12 +275,7 @@ class Backbone(nn.Module):
             raise ValueError(f"Backbone: the cache has {cache.batch_size} rows but x has {b}")
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None]  # (1, t)
-        elif (
-            position_ids.dim() != 2
-            or position_ids.shape[0] not in (1, b)
-            or position_ids.shape[1] != t
-            or position_ids.is_floating_point()
-        ):
+        elif position_ids.is_floating_point() or tuple(position_ids.shape) not in ((1, t), (b, t)):
             raise ValueError(
                 f"Backbone: position_ids must be integers of shape ({b} or 1, {t}), "
                 f"got {position_ids.dtype} {tuple(position_ids.shape)}"

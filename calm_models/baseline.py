@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_models import flops
-from calm_models._layers import check_int, check_tokens
+from calm_models._layers import check_int, check_tokens, masked_cross_entropy
 from calm_models.backbone import Backbone, KVCache, padded_causal_mask
 from calm_models.config import TokenLMConfig
-from calm_models.protocol import Generation, check_positions, left_pad
+from calm_models.protocol import Generation, check_positions, left_pad, target_logprobs
 
 
 class BrierTerms(NamedTuple):
@@ -100,9 +100,8 @@ class TokenLM(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(b, t, V)`` of ids ``(b, t)``; ``logits[:, i]`` predicts token ``i + 1``."""
-        hidden = self.backbone(
-            self.embed(self._tokens(tokens)), position_ids=position_ids, attn_mask=attn_mask, cache=cache
-        )
+        x = self.embed(self._tokens(tokens))
+        hidden = self.backbone(x, position_ids=position_ids, attn_mask=attn_mask, cache=cache)
         return F.linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def loss(
@@ -116,12 +115,8 @@ class TokenLM(nn.Module):
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens must have L >= 2, got shape {tuple(tokens.shape)}")
         logits = self(tokens[:, :-1]).float()  # (b, L-1, V)
-        targets = tokens[:, 1:]
-        weight = torch.ones(targets.shape, device=targets.device) if mask is None else mask[:, 1:].float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        count = weight.sum().clamp_min(1)
-        hits = (logits.detach().argmax(-1) == targets).float()
-        return {"loss": (ce * weight.flatten()).sum() / count, "accuracy": (hits * weight).sum() / count}
+        ce, accuracy = masked_cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:])
+        return {"loss": ce, "accuracy": accuracy}
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:func:`calm_models.flops.token_lm_flops`)."""
@@ -139,22 +134,18 @@ class TokenLM(nn.Module):
     ) -> BrierTerms:
         """Both terms of the per-position Brier estimates (see :class:`BrierTerms`).
 
-        Position ``s`` scores the continuation ``tokens[:, s:s+max_order]`` of the prefix
-        ``tokens[:, :s]`` (default: every ``s = 1 .. L - max_order``). ``target_prob`` comes from
-        one teacher-forced pass. Each position draws its own continuation by inverse-CDF
-        sampling with uniforms ``(b, P, n)`` drawn up front. ``method="batched"`` runs all
-        rollouts together: a first pass fills a cache, then ``n - 1`` passes of width ``P``
-        append the rollout tokens, rollout ``i`` attending to its prefix and its own earlier
-        tokens only. ``method="loop"`` is the slow reference (one cached rollout per position);
-        both give the same samples up to rounding.
+        Position ``s`` (default: every ``s = 1 .. L - max_order``) scores the continuation
+        ``tokens[:, s:s+max_order]`` of ``tokens[:, :s]``: ``target_prob`` from one teacher-forced
+        pass, and a continuation of its own drawn by inverse-CDF sampling with uniforms ``(b, P, n)``
+        drawn up front. ``method="batched"`` fills a cache in a first pass, then ``n - 1`` passes of
+        width ``P`` append all rollouts, rollout ``i`` attending to its prefix and its own tokens
+        only; ``method="loop"`` is the slow reference (one cached rollout per position), with the
+        same samples up to rounding.
         """
         if method not in ("batched", "loop"):
             raise ValueError(f"method must be 'batched' or 'loop', got {method!r}")
         tokens = self._tokens(tokens)
         b, length = tokens.shape
-        check_int(max_order, "max_order", 1)
-        if positions is None:
-            positions = torch.arange(1, length - max_order + 1, device=tokens.device)
         ends = check_positions(positions, length, max_order, 1, tokens.device) - 1  # (P,)
         p = ends.shape[0]
         work = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
@@ -162,9 +153,7 @@ class TokenLM(nn.Module):
         cache_len = length + (max_order - 1) * (p if method == "batched" else 1)
         cache = self.backbone.new_cache(b, cache_len) if max_order > 1 else None
         logits = self(tokens, cache=cache)  # (b, L, V)
-        pred = logits[:, :-1].to(work)  # teacher forcing: log P(tokens[i+1] | tokens[:i+1])
-        target_lp = pred.gather(-1, tokens[:, 1:, None]).squeeze(-1) - pred.logsumexp(-1)
-        target_lp = target_lp[:, ends[:, None] + torch.arange(max_order, device=tokens.device)]
+        target_lp = target_logprobs(logits.to(work), tokens, ends + 1, max_order)  # teacher forcing
         start = logits[:, ends]  # (b, P, V)
         rollout = self._rollouts_batched if method == "batched" else self._rollouts_loop
         samples, sample_lp = rollout(start, ends, u, cache, length)
@@ -243,18 +232,12 @@ class TokenLM(nn.Module):
 
         Each step draws one uniform per row and samples by inverse CDF from
         ``softmax(logits / temperature)`` (the ``top_k`` largest logits if given); temperature 0
-        is greedy. The model has logits, so tempering is exact and ``sampler`` and
-        ``num_candidates`` (the arguments of sampler-only models) are accepted and unused. Rows
-        that emit ``eos_id`` stop and leave the batch.
-
-        Returns:
-            :class:`~calm_models.protocol.Generation` with the generated ids of each row.
-
-        Raises:
-            ValueError: On bad arguments or a prompt plus ``max_new_tokens`` over ``max_seq_len``.
+        is greedy. Tempering is exact, so ``sampler`` and ``num_candidates`` (for sampler-only
+        models) are unused. Rows that emit ``eos_id`` stop and leave the batch. Returns a
+        :class:`~calm_models.protocol.Generation`; raises ``ValueError`` on bad arguments or a prompt
+        plus ``max_new_tokens`` over ``max_seq_len``.
         """
-        device = self.embed.weight.device
-        vocab = self.cfg.vocab_size
+        device, vocab = self.embed.weight.device, self.cfg.vocab_size
         check_int(max_new_tokens, "max_new_tokens", 1)
         if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
             raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
@@ -278,7 +261,6 @@ class TokenLM(nn.Module):
         num_generated = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
         active = torch.arange(b, device=device)  # original indices of unfinished rows
         cache = self.backbone.new_cache(b, total) if use_cache else None
-        steps = 0
         for step in range(max_new_tokens):
             u = torch.rand(b, generator=generator, device=device, dtype=work)
             end = prompt_len + step
@@ -289,7 +271,6 @@ class TokenLM(nn.Module):
             )[:, -1]  # (a, V)
             nxt = _sample_next(logits.to(work), temperature, top_k, u[active])
             seq[active, end] = nxt
-            steps += 1
             if eos_id is not None:
                 done = nxt == eos_id
                 num_generated[active[done]] = step + 1
@@ -301,15 +282,14 @@ class TokenLM(nn.Module):
                     if cache is not None:
                         cache.select(keep)
         out = seq[:, prompt_len:]
-        return Generation([out[i, :n] for i, n in enumerate(num_generated.tolist())], 0, steps)
+        return Generation([out[i, :n] for i, n in enumerate(num_generated.tolist())], 0, step + 1)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Sample ``x`` with ``P(x = k) ∝ probs[..., k]`` from uniforms ``u`` in ``[0, 1)``: ``(..., V), (...) -> (...)``.
 
-    Two levels: the block of ``~sqrt(V)`` tokens from cumulative block sums, then the token from
-    the cumulative sum inside that block, which avoids a sequential cumsum over all ``V``
-    entries (the slowest part of sampling on a CPU). A zero-probability token is never chosen.
+    The block of ``~sqrt(V)`` tokens comes from cumulative block sums, then the token from the
+    cumulative sum inside it (no slow cumsum over all ``V``); zero-probability tokens are never chosen.
     """
     vocab = probs.shape[-1]
     width = math.isqrt(vocab - 1) + 1  # ceil(sqrt(V))

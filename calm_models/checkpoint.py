@@ -10,11 +10,10 @@ Layout of a run directory::
             config.yaml         # the resolved run config
             meta.json           # format version, step, time, model class, size + sha256 per file
 
-Weights and optimizer states go through ``torch.distributed.checkpoint.state_dict``
-(``get_model_state_dict`` / ``get_optimizer_state_dict`` with full, CPU-offloaded state dicts),
-which gives clean parameter names for plain, compiled, DDP and FSDP modules alike, so a
-checkpoint written by one loads into any of them (and into another world size). Under FSDP
-saving is a collective: every rank calls :func:`save_checkpoint`, rank 0 writes.
+Weights and optimizer states go through ``torch.distributed.checkpoint.state_dict`` (full,
+CPU-offloaded state dicts with clean parameter names), so a checkpoint written by a plain,
+compiled, DDP or FSDP module loads into any of them, at any world size. Under FSDP saving is a
+collective: every rank calls :func:`save_checkpoint`, rank 0 writes.
 
 Writing is atomic: files go to ``step_000123.tmp-<pid>/`` (each fsynced), the directory is
 renamed into place, then ``latest`` is replaced through a temporary file, and only then are
@@ -35,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,9 +53,11 @@ from torch import nn
 
 from calm_models._layers import atomic_write
 from calm_models.config import config_to_dict, diff_configs, flatten_config
+from calm_models.distributed import _initialized, barrier
 
 FORMAT_VERSION = 2
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = ("model.safetensors", "train_state.pt", "config.yaml", "meta.json")
+_DATA_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
 _TRANSIENT = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 _AUTO_NAME = re.compile(r"^step_\d+$")
 
@@ -65,10 +67,6 @@ class CheckpointError(RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _options(model: nn.Module, **kwargs: Any):
@@ -176,11 +174,9 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     found = []
     for child in root.iterdir() if root.is_dir() else ():
         if child.is_dir() and not _TRANSIENT.match(child.name):
-            try:
+            with contextlib.suppress(CheckpointError):
                 meta = read_meta(child)
-            except CheckpointError:
-                continue
-            found.append((float(meta.get("unix_time", 0)), int(meta["step"]), child.name, child))
+                found.append((float(meta.get("unix_time", 0)), int(meta["step"]), child.name, child))
     return [item[-1] for item in sorted(found)]
 
 
@@ -197,12 +193,10 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         name = (root / "latest").read_text(encoding="utf-8").strip()
     except OSError:
         name = ""
-    if name and "/" not in name and (root / name / META_FILE).is_file():
-        try:
+    if name and "/" not in name:
+        with contextlib.suppress(CheckpointError):
             read_meta(root / name)
             return root / name
-        except CheckpointError:
-            pass
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -216,17 +210,9 @@ def newest_sound_checkpoint(
         ``(checkpoint or None, [(skipped checkpoint, its problem), ...])``, newest first.
     """
     root = _root(run_dir)
-    steps = (
-        sorted(
-            (p for p in root.iterdir() if _AUTO_NAME.match(p.name) and p.is_dir()),
-            key=lambda p: int(p.name[5:]),
-            reverse=True,
-        )
-        if root.is_dir()
-        else []
-    )
+    steps = [p for p in root.iterdir() if _AUTO_NAME.match(p.name) and p.is_dir()] if root.is_dir() else []
     skipped = []
-    for ckpt in steps:
+    for ckpt in sorted(steps, key=lambda p: int(p.name[5:]), reverse=True):
         problem = checkpoint_problem(ckpt, checksum)
         if problem is None:
             return ckpt, skipped
@@ -269,8 +255,7 @@ def _write_model_file(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _plain(obj: Any, where: str) -> Any:
-    """``obj`` with NumPy scalars as Python numbers; a ``TypeError`` naming anything else that
-    ``torch.load(weights_only=True)`` would refuse."""
+    """``obj`` with NumPy scalars as numbers; a ``TypeError`` names what ``weights_only`` loading refuses."""
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
         return obj
     if isinstance(obj, np.generic):
@@ -279,10 +264,8 @@ def _plain(obj: Any, where: str) -> Any:
         return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, dict):
         return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    raise TypeError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a "
-        "checkpoint cannot hold; use plain Python values or torch tensors"
-    )
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise TypeError(f"{where} is a {kind}, which a checkpoint cannot hold; use plain Python values or torch tensors")
 
 
 def _write_state_file(payload: dict[str, Any], path: Path) -> None:
@@ -299,10 +282,8 @@ def _pid_alive(pid: int) -> bool:
         return False  # a leftover of an earlier failed save of this very process
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
+    except OSError as exc:  # a PermissionError means that the process exists
+        return not isinstance(exc, ProcessLookupError)
     return True
 
 
@@ -357,16 +338,13 @@ def save_checkpoint(
     name = name or f"step_{step:06d}"
     if name in (".", "..", "latest") or "/" in name or _TRANSIENT.match(name):
         raise ValueError(f"name must be a plain directory name, got {name!r}")
-    weights = get_model_state_dict(model, options=_options(model, cpu_offload=True))  # collective
-    optim = (
-        None
-        if optimizer is None
-        else get_optimizer_state_dict(model, optimizer, options=_options(model, cpu_offload=True))
-    )
+    options = _options(model, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)  # collective
+    optim = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
     root = Path(run_dir) / "checkpoints"
     final = root / name
-    if _distributed() and torch.distributed.get_rank() != 0:
-        torch.distributed.barrier()
+    if _initialized() and torch.distributed.get_rank() != 0:
+        barrier()
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -376,23 +354,11 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write_model_file(weights, tmp / MODEL_FILE)
-        _write_state_file(
-            {
-                "step": step,
-                "optimizer": optim,
-                "train_state": train_state,
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-            },
-            tmp / STATE_FILE,
-        )
-        atomic_write(
-            tmp / CONFIG_FILE,
-            yaml.safe_dump(config_to_dict(config) if config is not None else {}, sort_keys=False).encode(),
-        )
-        files = {
-            f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-            for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)
-        }
+        sched = None if scheduler is None else scheduler.state_dict()
+        payload = {"step": step, "optimizer": optim, "train_state": train_state, "scheduler": sched}
+        _write_state_file(payload, tmp / STATE_FILE)
+        config_dict = config_to_dict(config) if config is not None else {}
+        atomic_write(tmp / CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False).encode())
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -400,7 +366,7 @@ def save_checkpoint(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch_version": torch.__version__,
             "model_class": _class_name(model),
-            "files": files,
+            "files": {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in _DATA_FILES},
         }
         atomic_write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
         _fsync_dir(tmp)
@@ -423,17 +389,14 @@ def save_checkpoint(
                     os.replace(stale, trash)
                     shutil.rmtree(trash, ignore_errors=True)
     finally:
-        if _distributed():
-            torch.distributed.barrier()
+        barrier()
     return final
 
 
 def _class_name(model: nn.Module) -> str:
     """Class of the innermost module (through ``torch.compile``, DDP and FSDP2's subclass)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(
-        getattr(model, "module", None), nn.Module
-    ):
-        model = getattr(model, "_orig_mod", None) or model.module
+    while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module):
+        model = inner
     return next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
 
 
@@ -443,10 +406,9 @@ def _check_file(ckpt: Path, meta: dict[str, Any], name: str, verify: bool) -> Pa
         raise CheckpointError(f"{ckpt / META_FILE} does not list {name}")
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
-    if file.stat().st_size != info.get("size"):
-        raise CheckpointError(
-            f"{file} is truncated or corrupt: {file.stat().st_size} bytes, expected {info.get('size')}"
-        )
+    size = file.stat().st_size
+    if size != info.get("size"):
+        raise CheckpointError(f"{file} is truncated or corrupt: {size} bytes, expected {info.get('size')}")
     if verify and _sha256(file) != info.get("sha256"):
         raise CheckpointError(f"{file} is corrupt: sha256 checksum mismatch")
     return file
@@ -475,9 +437,8 @@ def _apply_weights(file: Path, model: nn.Module, strict: bool) -> None:
     missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{file} does not fit the model: missing from the checkpoint: "
-            f"{', '.join(missing[:8]) or '-'}; not in the model: "
-            f"{', '.join(unexpected[:8]) or '-'}"
+            f"{file} does not fit the model: missing from the checkpoint: {', '.join(missing[:8]) or '-'}; "
+            f"not in the model: {', '.join(unexpected[:8]) or '-'}"
         )
     state = {k: v for k, v in state.items() if k in names}
     if not state:
@@ -550,7 +511,7 @@ def load_checkpoint(
 
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    files = {n: _check_file(ckpt, meta, n, verify) for n in (MODEL_FILE, STATE_FILE, CONFIG_FILE)}
+    files = {n: _check_file(ckpt, meta, n, verify) for n in _DATA_FILES}
     if config is not None:
         saved = yaml.safe_load(files[CONFIG_FILE].read_text(encoding="utf-8")) or {}
         diffs = diff_configs(saved, config, sections)

@@ -1,16 +1,14 @@
 """Every configuration of a run in one place: models, data, optimiser, schedule, run, presets.
 
-Each section is a plain ``@dataclass`` that checks its own fields when it is built
-(``__post_init__``), so a config that exists is valid and the modules built from it trust it.
-A run is one :class:`TrainConfig` (or a :class:`PipelineConfig`: two stages and a sample),
-resolved with the precedence
+Each section is a plain ``@dataclass`` that checks its own fields when it is built (``__post_init__``), so a config that
+exists is valid and the modules built from it trust it. A run is one :class:`TrainConfig` (or a :class:`PipelineConfig`:
+two stages and a sample), resolved with the precedence
 
     dataclass defaults  <  preset  <  config file (YAML/TOML)  <  dotted overrides
 
-by :func:`load_config`. Merging, type checking and the parsing of ``key.sub=value`` overrides
-are OmegaConf's (structured configs); this module only turns every problem into one
-:class:`ConfigError` line that names the dotted field, e.g.
-``optim.lr: Value 'fast' of type 'str' could not be converted to Float``.
+by :func:`load_config`. Merging, type checking and the parsing of ``key.sub=value`` overrides are OmegaConf's
+(structured configs); this module only turns every problem into one :class:`ConfigError` line that names the dotted
+field, e.g. ``optim.lr: Value 'fast' of type 'str' could not be converted to Float``.
 
 Example:
     >>> cfg = load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=["optim.lr=1e-3"])
@@ -54,15 +52,16 @@ def _need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _none_allowed(obj: Any, name: str) -> bool:
+    """The field holds ``None`` and its annotation (``X | None``) allows it."""
+    return getattr(obj, name) is None and "None" in str(obj.__dataclass_fields__[name].type)
+
+
 def _ints(obj: Any, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value is None and name in _OPTIONAL_INTS:
-            continue
-        _need(
-            isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-            f"{name} must be an int >= {minimum}, got {value!r}",
-        )
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        _need(ok or _none_allowed(obj, name), f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _choice(obj: Any, name: str, valid: tuple[str, ...]) -> None:
@@ -70,19 +69,15 @@ def _choice(obj: Any, name: str, valid: tuple[str, ...]) -> None:
     _need(value in valid, f"{name} must be one of {valid}, got {value!r}")
 
 
-def _interval(obj: Any, name: str, low: float, high: float, closed: str = "[)") -> None:
-    value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if closed[0] == "[" else value > low) and (
-            value <= high if closed[1] == "]" else value < high
-        )
-    _need(ok, f"{name} must be in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}")
+def _interval(obj: Any, low: float, high: float, *names: str, closed: str = "[)") -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value >= low if closed[0] == "[" else value > low)
+        ok = ok and (value <= high if closed[1] == "]" else value < high)
+        bounds = f"{closed[0]}{low:g}, {high:g}{closed[1]}"
+        _need(ok or _none_allowed(obj, name), f"{name} must be in {bounds}, got {value!r}")
 
-
-_OPTIONAL_INTS = frozenset(
-    {"intermediate_size", "num_kv_heads", "ffn_size", "compress_ffn_size", "max_train_bytes", "max_valid_bytes"}
-)
 
 # ------------------------------------------------------------------------------------ models
 
@@ -103,14 +98,12 @@ class AutoencoderConfig:
         kl_clamp: Per-dimension lower clamp of the KL, ``max(KL_d, kl_clamp)`` (paper: 0.5).
         mask_prob: Probability that an input token's embedding is zeroed in training (0.15).
         latent_dropout: Dropout on the sampled latent in training (paper: 0.15).
-        random_token_prob: Probability that a training token is replaced, in input and target,
-            by a random id, so that ids the corpus never contains are trained too (paper: 0).
+        random_token_prob: Chance a training token (input and target) is a random id, so all ids are trained (paper: 0).
         init_std: Standard deviation of the normal init of every linear layer and embedding.
         norm_eps: Epsilon of every RMSNorm.
-        inner_norms: An RMSNorm before the flatten of the ``K`` tokens and before the expand
-            (ours); ``False`` is the reference layout (the authors' released models).
-        projection_bias: Biases on the flatten, latent-to-hidden and expand projections
-            (``True`` in the reference layout).
+        inner_norms: RMSNorms before the flatten of the ``K`` tokens and before the expand (ours); ``False``: the
+            reference layout of the authors' released models, which also sets ``projection_bias``.
+        projection_bias: Biases on the flatten, latent-to-hidden and expand projections.
 
     Example:
         >>> AutoencoderConfig(vocab_size=128_256).ffn_size
@@ -137,12 +130,9 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         _ints(self, 1, "vocab_size", "chunk_size", "latent_size", "hidden_size", "intermediate_size")
         _ints(self, 0, "num_token_layers", "num_chunk_layers")
-        for name in ("kl_weight", "kl_clamp"):
-            _interval(self, name, 0, math.inf)
-        for name in ("mask_prob", "latent_dropout", "random_token_prob"):
-            _interval(self, name, 0, 1)
-        for name in ("init_std", "norm_eps"):
-            _interval(self, name, 0, math.inf, "()")
+        _interval(self, 0, math.inf, "kl_weight", "kl_clamp")
+        _interval(self, 0, 1, "mask_prob", "latent_dropout", "random_token_prob")
+        _interval(self, 0, math.inf, "init_std", "norm_eps", closed="()")
 
     @property
     def ffn_size(self) -> int:
@@ -163,8 +153,7 @@ class BackboneConfig:
         max_seq_len: Longest sequence (in backbone positions) of one forward call.
         rope_theta: Base of the rotary frequencies.
         norm_eps: Epsilon of every RMSNorm.
-        init_std: Normal init of every linear layer; output projections get
-            ``init_std / sqrt(2 * num_layers)``.
+        init_std: Normal init of every linear layer; output projections get ``init_std / sqrt(2 * num_layers)``.
 
     Example:
         >>> cfg = BackboneConfig(hidden_size=256, num_heads=4, num_kv_heads=2)
@@ -184,16 +173,10 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         _ints(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "max_seq_len")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            _interval(self, name, 0, math.inf, "()")
-        _need(
-            self.hidden_size % self.num_heads == 0,
-            f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})",
-        )
-        _need(
-            self.num_heads % self.resolved_kv_heads == 0,
-            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.resolved_kv_heads})",
-        )
+        _interval(self, 0, math.inf, "rope_theta", "norm_eps", "init_std", closed="()")
+        h, heads, kv = self.hidden_size, self.num_heads, self.resolved_kv_heads
+        _need(h % heads == 0, f"hidden_size ({h}) must be divisible by num_heads ({heads})")
+        _need(heads % kv == 0, f"num_heads ({heads}) must be divisible by num_kv_heads ({kv})")
         _need(self.head_dim % 2 == 0, f"hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings")
 
     @property
@@ -217,9 +200,8 @@ class HeadConfig:
     """A generative head (:mod:`calm_models.heads`); fields of the other types are ignored.
 
     Attributes:
-        type: ``"energy"`` (CALM with our adaLN network), ``"energy_mlp"`` (CALM with the
-            reference's MLP generator: LayerNorms and concatenated conditioning, as in the
-            released models), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
+        type: ``"energy"`` (CALM, our adaLN network), ``"energy_mlp"`` (CALM, the released models' MLP generator with
+            LayerNorms and concatenated conditioning), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
         hidden_size: Head width ``w``.
         num_blocks: Residual MLP blocks.
         noise_size: Size of the energy head's uniform noise ``U[-1/2, 1/2]^z``.
@@ -263,14 +245,11 @@ class HeadConfig:
         _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps", "diffusion_steps")
         _ints(self, 0, "num_blocks")
         _ints(self, 2, "num_samples", "diffusion_train_steps")
-        _need(
-            self.diffusion_steps <= self.diffusion_train_steps,
-            f"diffusion_steps must be <= diffusion_train_steps, got {self.diffusion_steps} > "
-            f"{self.diffusion_train_steps}",
-        )
-        _interval(self, "beta", 0, 2, "()")
-        _interval(self, "diffusion_eta", 0, 1, "[]")
-        _interval(self, "norm_eps", 0, math.inf, "()")
+        steps, train_steps = self.diffusion_steps, self.diffusion_train_steps
+        _need(steps <= train_steps, f"diffusion_steps must be <= diffusion_train_steps, got {steps} > {train_steps}")
+        _interval(self, 0, 2, "beta", closed="()")
+        _interval(self, 0, 1, "diffusion_eta", closed="[]")
+        _interval(self, 0, math.inf, "norm_eps", closed="()")
 
 
 @dataclass
@@ -281,16 +260,13 @@ class CALMConfig:
         backbone: The Transformer over chunks.
         head: The generative head.
         num_targets: Posterior draws ``M`` per chunk used as energy-loss targets (paper: 100).
-        compress: Input compression of the ``K`` token embeddings of a chunk: ``"swiglu"``
-            (``Linear(K h, h)`` then ``x + SwiGLU(RMSNorm(x))``) or ``"mlp"`` (the reference:
-            ``Linear(K h, w) -> SiLU -> Linear(w, h) -> LayerNorm``).
+        compress: Chunk input compression: ``"swiglu"`` (``Linear(K h, h)``, then ``x + SwiGLU(RMSNorm(x))``) or
+            ``"mlp"`` (the reference: ``Linear(K h, w) -> SiLU -> Linear(w, h) -> LayerNorm``).
         compress_ffn_size: Inner width ``w`` of the compression (``None``: ``2 h``).
 
     Example:
-        >>> CALMConfig(num_targets=0)
-        Traceback (most recent call last):
-        ...
-        ValueError: num_targets must be an int >= 1, got 0
+        >>> CALMConfig(head=HeadConfig(type="flow")).head.flow_steps
+        8
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -367,13 +343,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("train_files", "valid_files"):
-            _need(
-                isinstance(getattr(self, name), list),
-                f"{name} must be a list of paths or glob patterns, got {getattr(self, name)!r}",
-            )
+            value = getattr(self, name)
+            _need(isinstance(value, list), f"{name} must be a list of paths or glob patterns, got {value!r}")
         _ints(self, 257, "vocab_size")
         _ints(self, 1, "block_len", "max_train_bytes", "max_valid_bytes", "tokenizer_train_bytes")
-        _interval(self, "valid_fraction", 0, 1, "()")
+        _interval(self, 0, 1, "valid_fraction", closed="()")
         _choice(self, "format", ("auto", "text", "jsonl", "wikitext", "python"))
         _choice(self, "errors", ("strict", "replace"))
         _need(bool(self.text_field), "text_field must be a non-empty string")
@@ -404,19 +378,14 @@ class OptimConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _need(
-            self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in _TORCH_OPTIMIZER_NAMES,
-            f"name: unknown optimizer {self.name!r}; valid names: "
-            f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'",
-        )
-        _interval(self, "lr", 0, math.inf, "()")
-        _need(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"betas must lie in [0, 1), got {tuple(self.betas)}",
-        )
-        for name in ("weight_decay", "grad_clip", "momentum"):
-            _interval(self, name, 0, math.inf)
-        _interval(self, "eps", 0, math.inf, "()")
+        known = self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in _TORCH_OPTIMIZER_NAMES
+        valid = f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'"
+        _need(known, f"name: unknown optimizer {self.name!r}; valid names: {valid}")
+        _interval(self, 0, math.inf, "lr", closed="()")
+        betas = tuple(self.betas)
+        _need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must lie in [0, 1), got {betas}")
+        _interval(self, 0, math.inf, "weight_decay", "grad_clip", "momentum")
+        _interval(self, 0, math.inf, "eps", closed="()")
 
 
 @dataclass
@@ -436,7 +405,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _choice(self, "kind", ("constant", "cosine", "linear"))
         _ints(self, 0, "warmup_steps")
-        _interval(self, "min_lr_ratio", 0, 1, "[]")
+        _interval(self, 0, 1, "min_lr_ratio", closed="[]")
 
 
 @dataclass
@@ -455,8 +424,7 @@ class RunConfig:
         save_every: Checkpoint every this many steps (0: only at the end).
         log_every: Write training metrics every this many steps.
         keep_last: Checkpoints kept.
-        max_nonfinite_skips: Steps with a non-finite loss or gradient norm that are skipped
-            (and counted in the metrics) before the run stops; 0 stops at the first.
+        max_nonfinite_skips: Non-finite steps (loss or gradient norm) skipped and counted; one more stops the run.
         seed: Seed of initialisation, data order and sampling.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
         precision: ``auto`` (bf16 autocast on GPUs that support it), ``bf16`` or ``fp32``.
@@ -491,8 +459,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _ints(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "eval_stride", "keep_last")
         _ints(self, 0, "eval_every", "save_every", "log_every", "num_threads", "max_nonfinite_skips")
-        if self.max_time_s is not None:
-            _interval(self, "max_time_s", 0, math.inf, "()")
+        _interval(self, 0, math.inf, "max_time_s", closed="()")
         _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
         _choice(self, "precision", ("auto", "bf16", "fp32"))
         _choice(self, "strategy", ("ddp", "fsdp", "none"))
@@ -532,11 +499,9 @@ class TrainConfig:
             _need(bool(self.autoencoder_path), "autoencoder_path: the calm stage needs a trained autoencoder run")
             _need(self.data.block_len >= 2 * k, f"data.block_len must hold 2 chunks of {k} tokens")
         if self.stage != "autoencoder":
-            _need(
-                self.run.eval_stride % k == 0 and self.run.eval_stride + 4 <= self.data.block_len,
-                f"run.eval_stride={self.run.eval_stride} must be a multiple of K={k} and at most "
-                f"data.block_len - 4 = {self.data.block_len - 4} (a 4-token BrierLM target)",
-            )
+            stride, most = self.run.eval_stride, self.data.block_len - 4
+            what = f"a multiple of K={k} and at most data.block_len - 4 = {most} (a 4-token BrierLM target)"
+            _need(stride % k == 0 and stride <= most, f"run.eval_stride={stride} must be {what}")
 
     @property
     def chunk_size(self) -> int:
@@ -573,7 +538,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _ints(self, 1, "sample_tokens", "eval_blocks")
         _need(bool(self.prompt), "prompt must not be empty (the sample continues it)")
-        _interval(self, "temperature", 0, 1, "(]")
+        _interval(self, 0, 1, "temperature", closed="(]")
 
 
 # ------------------------------------------------------------------------------------ presets
@@ -583,15 +548,13 @@ def _tiny(stage: str) -> TrainConfig:
     """Trains on a 2-core CPU in minutes on the embedded standard-library corpus."""
     backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704, max_seq_len=256)
     lm = stage != "autoencoder"
+    steps, batch, every, evals = (3000, 16, 1000, 16) if lm else (400, 32, 100, 4)
+    n = 3_000_000  # bytes of training text (and of the tokenizer's), a tenth of it for validation
     return TrainConfig(
         stage=stage,
         autoencoder_path="-" if stage == "calm" else None,
         data=DataConfig(
-            vocab_size=2048,
-            block_len=64,
-            max_train_bytes=3_000_000,
-            max_valid_bytes=300_000,
-            tokenizer_train_bytes=3_000_000,
+            vocab_size=2048, block_len=64, max_train_bytes=n, max_valid_bytes=n // 10, tokenizer_train_bytes=n
         ),
         autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2)),
@@ -599,38 +562,26 @@ def _tiny(stage: str) -> TrainConfig:
         optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=100 if lm else 50),
         run=RunConfig(
-            out_dir=f"runs/tiny-{stage}",
-            steps=3000 if lm else 400,
-            batch_size=16 if lm else 32,
-            eval_every=1000 if lm else 100,
-            eval_batches=16 if lm else 4,
+            out_dir=f"runs/tiny-{stage}", steps=steps, batch_size=batch, eval_every=every, eval_batches=evals
         ),
     )
 
 
 def _small(stage: str) -> TrainConfig:
     """A few million parameters for CPU experiments on real English text (pass files)."""
-    cfg = _tiny(stage)
+    cfg, steps = _tiny(stage), 3300 if stage == "autoencoder" else 3000
     return replace(
         cfg,
-        data=replace(
-            cfg.data,
-            vocab_size=4096,
-            block_len=128,
-            max_train_bytes=None,
-            max_valid_bytes=None,
-            tokenizer_train_bytes=20_000_000,
-        ),
+        data=DataConfig(block_len=128),  # no byte caps, the default vocabulary and tokenizer budget
         autoencoder=replace(cfg.autoencoder, vocab_size=4096),
-        run=replace(
-            cfg.run, out_dir=f"runs/small-{stage}", eval_every=500, steps=3300 if stage == "autoencoder" else 3000
-        ),
+        run=replace(cfg.run, out_dir=f"runs/small-{stage}", eval_every=500, steps=steps),
     )
 
 
 def _m(stage: str) -> TrainConfig:
     """The CALM paper's M size (K=4, l=128; a GPU preset)."""
     backbone = BackboneConfig(hidden_size=1024, num_layers=16, num_heads=16, ffn_size=2752, max_seq_len=2048)
+    run_args = dict(steps=250_000, batch_size=8, grad_accum=8, eval_every=2000, eval_batches=32, save_every=2000)
     return TrainConfig(
         stage=stage,
         autoencoder_path="-" if stage == "calm" else None,
@@ -640,15 +591,7 @@ def _m(stage: str) -> TrainConfig:
         baseline=backbone,
         optim=OptimConfig(lr=3e-4),
         schedule=ScheduleConfig(kind="constant", warmup_steps=2000),
-        run=RunConfig(
-            out_dir=f"runs/m-{stage}",
-            steps=250_000,
-            batch_size=8,
-            grad_accum=8,
-            eval_every=2000,
-            eval_batches=32,
-            save_every=2000,
-        ),
+        run=RunConfig(out_dir=f"runs/m-{stage}", **run_args),
     )
 
 
@@ -657,14 +600,7 @@ PRESETS = {"tiny": _tiny, "small": _small, "m": _m}
 
 
 def preset(name: str, stage: str) -> TrainConfig:
-    """The named preset for a stage.
-
-    Args:
-        name: One of :data:`PRESETS`.
-        stage: One of :data:`STAGES`.
-
-    Returns:
-        A fresh :class:`TrainConfig`.
+    """A fresh :class:`TrainConfig`: the preset ``name`` (one of :data:`PRESETS`) for ``stage`` (one of :data:`STAGES`).
 
     Raises:
         ConfigError: For an unknown name or stage.
@@ -695,9 +631,8 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         value = data[f.name]
-        sub = f"{path}.{f.name}" if path else f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            value = _build(hints[f.name], value, sub)
+            value = _build(hints[f.name], value, f"{path}.{f.name}" if path else f.name)
         elif isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
             value = tuple(value)
         kwargs[f.name] = value
@@ -774,8 +709,7 @@ def load_config(
         for part in (data, _read_file(file) if file is not None else None):
             if part is not None:
                 merged = OmegaConf.merge(merged, part)
-        bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-        if bad:
+        if bad := [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]:
             raise ConfigError(f"override {bad[0]!r} must look like key.sub=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         plain = OmegaConf.to_container(merged, throw_on_missing=True)
@@ -795,9 +729,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     return plain(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
 
@@ -821,34 +753,23 @@ def flatten_config(cfg: Any) -> dict[str, Any]:
     """
 
     def walk(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict) and node:
-            return {
-                k: v
-                for key, value in node.items()
-                for k, v in walk(value, f"{prefix}.{key}" if prefix else str(key)).items()
-            }
-        return {prefix: node}
+        if not (isinstance(node, dict) and node):
+            return {prefix: node}
+        subtrees = (walk(value, f"{prefix}.{key}" if prefix else str(key)) for key, value in node.items())
+        return {k: v for subtree in subtrees for k, v in subtree.items()}
 
     return walk(config_to_dict(cfg), "")
 
 
 def diff_configs(a: Any, b: Any, sections: list[str] | None = None) -> list[str]:
-    """Dotted paths whose values differ between two configs (dataclasses or dicts).
+    """The sorted dotted paths whose values differ between two configs (dataclasses or dicts).
 
-    Args:
-        a: First config.
-        b: Second config.
-        sections: Restrict to these top-level sections (``None``: everything).
-
-    Returns:
-        Sorted differing paths; a path present on one side only is not compared.
+    Only the top-level ``sections`` are compared when given; a path present on one side only is not compared.
 
     Example:
-        >>> diff_configs({"model": {"h": 8, "l": 2}, "lr": 1}, {"model": {"h": 16, "l": 2}, "lr": 2},
-        ...              ["model"])
+        >>> diff_configs({"model": {"h": 8, "l": 2}, "lr": 1}, {"model": {"h": 16, "l": 2}, "lr": 2}, ["model"])
         ['model.h']
     """
     fa, fb = flatten_config(a), flatten_config(b)
-    return sorted(
-        p for p in fa.keys() & fb.keys() if (sections is None or p.split(".")[0] in sections) and fa[p] != fb[p]
-    )
+    paths = [p for p in fa.keys() & fb.keys() if sections is None or p.split(".")[0] in sections]
+    return sorted(p for p in paths if fa[p] != fb[p])

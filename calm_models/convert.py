@@ -7,16 +7,15 @@ Command line::
 
 ``REFERENCE_DIR`` holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``
 (sharded files with an ``*.index.json`` too) of an ``EnergyTransformer`` (CALM) or an
-``Autoencoder``. A CALM file normally carries its frozen autoencoder (``ae_model.*``); when it
-does not, ``--autoencoder`` points at the autoencoder's directory. The ``tokenizer.json`` found
-beside the checkpoint (or given) is copied into the run. The result is an ordinary run
-(``stage: calm`` or ``autoencoder``), so ``evaluate``, ``generate`` and ``robustness`` work on it.
+``Autoencoder``. A CALM file normally carries its frozen autoencoder (``ae_model.*``), else
+``--autoencoder`` names its directory. The ``tokenizer.json`` beside the checkpoint (or given)
+is copied into the run, an ordinary run (``stage: calm`` or ``autoencoder``) for ``evaluate``,
+``generate`` and ``robustness``.
 
-The reference architecture is expressed by configuration, not by separate model code: the
-autoencoder without inner norms and with projection biases, the ``"mlp"`` input compression and
-the ``"energy_mlp"`` head; the backbone is the same Llama decoder. Every tensor is copied as is
-(no reshape), and anything that cannot be mapped exactly is refused with one line: an unknown,
-missing or misshapen key, or a config value this project does not implement.
+The reference architecture is configuration, not separate code: the autoencoder without inner
+norms and with projection biases, the ``"mlp"`` input compression and the ``"energy_mlp"`` head.
+Every tensor is copied as is; an unknown, missing or misshapen key, or a config value this
+project does not implement, is refused with one line.
 """
 
 from __future__ import annotations
@@ -44,15 +43,13 @@ from calm_models.config import (
 from calm_models.data import DataError, TextTokenizer
 from calm_models.runs import build_model
 
-_SWIGLU = {"mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2", "layernorm": "norm"}
-_BACKBONE = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn": "attn",
-    "mlp.gate_proj": "ffn.w1",
-    "mlp.up_proj": "ffn.w3",
-    "mlp.down_proj": "ffn.w2",
-}
+_MLP = {"mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2"}
+_SWIGLU = {**_MLP, "layernorm": "norm"}
+_BACKBONE = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn": "attn", **_MLP}
+_CALM_NAMES = {"transformer.embed_tokens.weight": "embedding.weight", "transformer.norm.weight": "backbone.norm.weight"}
+_PROJECTIONS = dict(
+    squeeze_layer="squeeze", hidden_to_latent="to_latent", latent_to_hidden="from_latent", expand_layer="expand"
+)
 
 
 class ConversionError(ValueError):
@@ -137,12 +134,10 @@ def _ae_keys(
             side, i, rest = m[1], int(m[2]), m[3]
             if i >= 2 * s:  # the reference never uses the extra layer of an odd count
                 continue
-            first = "token_layers" if side == "encoder" else "chunk_layers"
-            second = "chunk_layers" if side == "encoder" else "token_layers"
-            stack, j = (first, i) if i < s else (second, i - s)
+            stacks = ("token_layers", "chunk_layers") if side == "encoder" else ("chunk_layers", "token_layers")
             for old, new in _SWIGLU.items():
                 rest = rest.replace(old, new) if rest.startswith(old) else rest
-            name = f"{side}.{stack}.{j}.{rest}"
+            name = f"{side}.{stacks[i >= s]}.{i % s}.{rest}"  # layer i < 2 s: the first stack, then the second
         elif name == "decoder.lm_head_weight":
             if not torch.equal(value, state[prefix + "encoder.embed_tokens.weight"]):
                 raise ConversionError(
@@ -152,29 +147,15 @@ def _ae_keys(
             continue
         else:
             name = {"encoder.embed_tokens.weight": "embedding.weight"}.get(name, name)
-            for old, new in (
-                ("squeeze_layer", "squeeze"),
-                ("hidden_to_latent", "to_latent"),
-                ("latent_to_hidden", "from_latent"),
-                ("expand_layer", "expand"),
-            ):
+            for old, new in _PROJECTIONS.items():
                 name = name.replace(old, new)
         out[out_prefix + name] = value
     return out
 
 
 def _calm_config(cfg: dict, ae: AutoencoderConfig, where: Path) -> CALMConfig:
-    _require(
-        cfg,
-        where,
-        hidden_act="silu",
-        mlp_bias=False,
-        attention_bias=False,
-        rope_scaling=None,
-        patch_size=ae.chunk_size,
-        latent_size=ae.latent_size,
-        vocab_size=ae.vocab_size,
-    )
+    _require(cfg, where, hidden_act="silu", mlp_bias=False, attention_bias=False, rope_scaling=None)
+    _require(cfg, where, patch_size=ae.chunk_size, latent_size=ae.latent_size, vocab_size=ae.vocab_size)
     h = cfg["hidden_size"]
     backbone = BackboneConfig(
         hidden_size=h,
@@ -207,11 +188,9 @@ def _calm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for old, new in _BACKBONE.items():
                 name = name.replace(f".{old}.", f".{new}.")
         else:
-            name = {
-                "transformer.embed_tokens.weight": "embedding.weight",
-                "transformer.norm.weight": "backbone.norm.weight",
-            }.get(key, key)
-            name = name.replace("embed_proj.", "compress.", 1).replace("mlp_generator.", "head.", 1)
+            name = (
+                _CALM_NAMES.get(key, key).replace("embed_proj.", "compress.", 1).replace("mlp_generator.", "head.", 1)
+            )
         out[name] = value
     return out
 
@@ -255,22 +234,16 @@ def convert(
             "energy head) and Autoencoder checkpoints can be converted"
         )
     state = _read_weights(src)
+    ae_state, ae_prefix = state, ""
     if kind == "Autoencoder":
-        ae_cfg, ae_state, ae_prefix = _ae_config(cfg, src), state, ""
+        ae_cfg = _ae_config(cfg, src)
     elif any(k.startswith("ae_model.") for k in state):
-        ae_json = (ae_dir or Path(cfg.get("ae_path") or "-")) / "config.json"
-        ae_cfg = _ae_config(
-            _read_json(ae_json) if ae_json.is_file() else _ae_from_weights(state, "ae_model.", cfg), src
-        )
-        ae_state, ae_prefix = state, "ae_model."
+        ae_json, ae_prefix = (ae_dir or Path(cfg.get("ae_path") or "-")) / "config.json", "ae_model."
+        ae_cfg = _ae_config(_read_json(ae_json) if ae_json.is_file() else _ae_from_weights(state, ae_prefix, cfg), src)
     elif ae_dir is None:
         raise ConversionError(f"{src} holds no autoencoder weights (ae_model.*); pass --autoencoder AE_DIR")
     else:
-        ae_cfg, ae_state, ae_prefix = (
-            _ae_config(_read_json(ae_dir / "config.json"), ae_dir),
-            _read_weights(ae_dir),
-            "",
-        )
+        ae_cfg, ae_state = _ae_config(_read_json(ae_dir / "config.json"), ae_dir), _read_weights(ae_dir)
     stage = "autoencoder" if kind == "Autoencoder" else "calm"
     weights = _ae_keys(ae_state, ae_cfg, ae_prefix, "" if stage == "autoencoder" else "autoencoder.")
     run_cfg = TrainConfig(
@@ -290,18 +263,13 @@ def convert(
         raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model vocab_size={ae_cfg.vocab_size}")
     model = build_model(run_cfg, ae_cfg.vocab_size)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
+    missing, unknown = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     bad = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
     if missing or unknown or bad:
-        what = (
-            f"missing {missing[:4]}"
-            if missing
-            else f"unknown {unknown[:4]}"
-            if unknown
-            else f"shape of {bad[0]}: {tuple(weights[bad[0]].shape)} in the file, "
-            f"{tuple(expected[bad[0]].shape)} expected"
-        )
+        what = f"missing {missing[:4]}" if missing else f"unknown {unknown[:4]}" if unknown else ""
+        if not what:
+            k = bad[0]
+            what = f"shape of {k}: {tuple(weights[k].shape)} in the file, {tuple(expected[k].shape)} expected"
         raise ConversionError(f"{src}: the weights do not map exactly onto the model: {what}")
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     if out.exists():
@@ -346,15 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = convert(
-            args.reference_dir,
-            args.out_run,
-            autoencoder=args.autoencoder,
-            tokenizer=args.tokenizer,
-            eos_token=args.eos_token,
-            block_len=args.block_len,
-            overwrite=args.overwrite,
-        )
+        out = convert(**vars(args))  # the options are convert's keyword arguments
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

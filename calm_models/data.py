@@ -1,18 +1,14 @@
 """Data pipeline: documents -> tokens -> blocks of ``K``-token chunks -> batches.
 
-1. **Readers** (:func:`read_documents`): plain text, JSONL with a ``text`` field, raw WikiText and
-   Python source, many files and glob patterns, in a deterministic order. A document is never
-   silently dropped or cut; bad input raises :class:`DataError` naming file and line.
-2. **Tokenizer** (:class:`TextTokenizer`): a byte-level BPE trained here (exact round trip of any
-   text) or any ``tokenizer.json``.
-3. **Token cache** (:func:`build_token_cache`): the corpus tokenised once, EOS after every
-   document, in a flat memory-mapped file keyed on the sources, the tokenizer and the options.
-4. **Blocks** (:class:`PackedBlocks`): the stream cut into blocks of ``block_len`` tokens; the
-   last one is padded and its padding masked.
+1. **Readers** (:func:`read_documents`): text, JSONL, WikiText and Python files or glob patterns, in a deterministic
+   order; no document is silently dropped or cut, bad input raises :class:`DataError` naming file and line.
+2. **Tokenizer** (:class:`TextTokenizer`): a byte-level BPE trained here (exact round trip) or any ``tokenizer.json``.
+3. **Token cache** (:func:`build_token_cache`): the corpus tokenised once, EOS after every document, memory-mapped.
+4. **Blocks** (:class:`PackedBlocks`): the stream cut into blocks of ``block_len`` tokens, the last one padded.
 5. **Batches** (:class:`BlockLoader`): infinite, seeded, resumable and rank-sharded.
 
-:func:`prepare_data` assembles them from a :class:`~calm_models.config.DataConfig`. With no
-files configured it uses the Python standard library's own source, which every installation has.
+:func:`prepare_data` assembles them from a :class:`~calm_models.config.DataConfig`; with no files configured it uses the
+Python standard library's own source, which every installation has.
 
 Axis key: ``n`` tokens of a stream, ``L`` block length, ``b`` blocks of a batch, ``N`` blocks.
 """
@@ -29,7 +25,7 @@ import re
 import sysconfig
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -104,7 +100,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``jsonl`` (``.jsonl``/``.ndjson``), ``wikitext`` (``.raw`` or a first line ``" = Title = "``), ``python`` (``.py``) or ``text``.
+    """``jsonl`` (.jsonl/.ndjson), ``wikitext`` (.raw or a first line ``" = Title = "``), ``python`` (.py) or ``text``.
 
     Example:
         >>> detect_format("corpus/train.jsonl"), detect_format("wiki.valid.raw")
@@ -128,10 +124,8 @@ def _decode(data: bytes, path: Path, errors: str, line: int = 1) -> str:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         line += data.count(b"\n", 0, e.start)
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); pass "
-            "errors='replace' to substitute U+FFFD for invalid bytes"
-        ) from None
+        hint = "pass errors='replace' to substitute U+FFFD for invalid bytes"
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); {hint}") from None
 
 
 def _read_text(path: Path, split_paragraphs: bool, errors: str) -> Iterator[Document]:
@@ -140,17 +134,13 @@ def _read_text(path: Path, split_paragraphs: bool, errors: str) -> Iterator[Docu
         if text:
             yield Document(text, str(path))
         return
-    block: list[str] = []
-    start = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(itertools.chain(f, [b""]), start=1):
-            line = _decode(raw, path, errors, lineno)
-            if line.strip():
-                start = start if block else lineno
-                block.append(line)
-            elif block:
-                yield Document(re.sub(r"\r?\n$", "", "".join(block)), f"{path}:{start}")
-                block = []
+        lines = ((lineno, _decode(raw, path, errors, lineno)) for lineno, raw in enumerate(f, start=1))
+        for blank, group in itertools.groupby(lines, key=lambda item: not item[1].strip()):
+            if not blank:
+                block = list(group)
+                text = re.sub(r"\r?\n$", "", "".join(line for _, line in block))
+                yield Document(text, f"{path}:{block[0][0]}")
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
@@ -166,16 +156,13 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(
-                    f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
-                )
+                kind = type(record).__name__
+                raise DataError(f"{where}: expected a JSON object with a {text_field!r} field, got {kind}")
             if text_field not in record:
                 raise DataError(f"{where}: no {text_field!r} field (keys: {sorted(record)})")
-            if not isinstance(record[text_field], str):
-                raise DataError(
-                    f"{where}: the {text_field!r} field must be a string, got {type(record[text_field]).__name__}"
-                )
-            yield Document(record[text_field], where)
+            if not isinstance(text := record[text_field], str):
+                raise DataError(f"{where}: the {text_field!r} field must be a string, got {type(text).__name__}")
+            yield Document(text, where)
 
 
 def _read_wikitext(path: Path, errors: str) -> Iterator[Document]:
@@ -202,11 +189,10 @@ def read_documents(
 ) -> Iterator[Document]:
     """The documents of files, streaming, in a deterministic order.
 
-    Formats (``auto`` picks one per file with :func:`detect_format`): ``text`` (a file is one
-    document; with ``split_paragraphs`` each block of non-blank lines is one), ``jsonl`` (the
-    ``text_field`` of each object), ``wikitext`` (each top-level ``" = Title = "`` heading
-    starts a document; non-blank text before the first is one too), ``python`` (a file is one
-    document, invalid UTF-8 replaced). Text is kept exactly; ``errors`` is ``strict`` or
+    Formats (``auto`` picks one per file with :func:`detect_format`): ``text`` (a file is one document; with
+    ``split_paragraphs`` each block of non-blank lines is one), ``jsonl`` (the ``text_field`` of each object),
+    ``wikitext`` (each top-level ``" = Title = "`` heading starts a document; non-blank text before the first is one
+    too), ``python`` (a file is one document, invalid UTF-8 replaced). Text is kept exactly; ``errors`` is ``strict`` or
     ``replace`` for invalid UTF-8.
 
     Raises:
@@ -232,10 +218,8 @@ def read_documents(
             docs = _read_jsonl(path, text_field)
         elif kind == "wikitext":
             docs = _read_wikitext(path, errors)
-        elif kind == "python":
-            docs = _read_text(path, False, "replace")
-        else:
-            docs = _read_text(path, split_paragraphs, errors)
+        else:  # text; a python file is one document, its invalid UTF-8 replaced
+            docs = _read_text(path, split_paragraphs, errors) if kind == "text" else _read_text(path, False, "replace")
         for doc in docs:
             count += 1
             yield doc
@@ -246,21 +230,18 @@ def read_documents(
 
 def _limit_bytes(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
     """Documents until their UTF-8 size reaches ``max_bytes``; the one crossing it is cut and last."""
+    if max_bytes is None:
+        yield from docs
+        return
     left = max_bytes
     for doc in docs:
-        if left is None:
-            yield doc
-            continue
         data = doc.text.encode("utf-8")
-        if len(data) < left:
-            left -= len(data)
-            yield doc
-            continue
-        head = data[:left].decode("utf-8", errors="ignore")
-        if head:
-            cut = "" if len(data) == left else f" (cut at max_bytes={max_bytes})"
-            yield Document(head, doc.source + cut)
-        return
+        if len(data) >= left:
+            if head := data[:left].decode("utf-8", errors="ignore"):
+                yield Document(head, doc.source + ("" if len(data) == left else f" (cut at max_bytes={max_bytes})"))
+            return
+        left -= len(data)
+        yield doc
 
 
 def _stable_hash(text: str) -> int:
@@ -272,10 +253,9 @@ def stdlib_source_files(
 ) -> list[Path]:
     """The Python standard library's ``.py`` files (no tests, no site-packages): the default corpus.
 
-    About 5% of the files (``sha256(relative path) mod 1000 < 50``) are the ``"valid"`` split,
-    the rest ``"train"``, so a file's split never depends on which other files exist. With
-    ``max_bytes``, files are taken in the order of the same hash (spread over all packages)
-    while they fit.
+    About 5% of the files (``sha256(relative path) mod 1000 < 50``) are the ``"valid"`` split, the rest ``"train"``, so
+    a file's split never depends on which other files exist. With ``max_bytes``, files are taken in the order of the
+    same hash (spread over all packages) while they fit.
 
     Example:
         >>> train, valid = stdlib_source_files(), stdlib_source_files(split="valid")
@@ -288,13 +268,11 @@ def stdlib_source_files(
     selected = []
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDED)
-        for name in filenames:
-            if name.endswith(".py"):
-                path = Path(dirpath) / name
-                rel = path.relative_to(base).as_posix()
-                h = _stable_hash(rel)
-                if (h % 1000 < 50) == (split == "valid"):
-                    selected.append((h, rel, path))
+        for path in (Path(dirpath) / name for name in filenames if name.endswith(".py")):
+            rel = path.relative_to(base).as_posix()
+            h = _stable_hash(rel)
+            if (h % 1000 < 50) == (split == "valid"):
+                selected.append((h, rel, path))
     if not selected:
         raise DataError(f"no Python source files found under {base} (split={split!r})")
     if max_bytes is not None:
@@ -316,10 +294,9 @@ def stdlib_source_files(
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` with a known end-of-sequence token.
 
-    Encoding adds no special token (the pipeline appends EOS after each document itself);
-    special-token strings inside a text are encoded as ordinary text, so a document cannot forge
-    a boundary. Byte-level BPE tokenizers (:meth:`train_bpe`, GPT-2, Llama-3) round-trip every
-    string. ``pad_id`` is ``eos_id``.
+    Encoding adds no special token (the pipeline appends EOS after each document itself); special-token strings inside a
+    text are encoded as ordinary text, so a document cannot forge a boundary. Byte-level BPE tokenizers
+    (:meth:`train_bpe`, GPT-2, Llama-3) round-trip every string. ``pad_id`` is ``eos_id``.
 
     Args:
         tokenizer: The tokenizer (copied).
@@ -425,9 +402,8 @@ class TextTokenizer:
             raise ValueError(f"ids: expected a 1-D sequence, got shape {tuple(ids.shape)}")
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bad.any():
-            raise ValueError(
-                f"ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])} at index {int(bad.argmax())}"
-            )
+            first = int(bad.argmax())
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got {int(ids[first])} at index {first}")
         return self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(
@@ -450,8 +426,7 @@ def _token_dtype(vocab_size: int) -> np.dtype:
 def _encoded_batches(tokenizer: TextTokenizer, docs: Iterable[Document]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(tokens, each document followed by EOS; lengths)`` per batch of documents."""
     dtype, eos = _token_dtype(tokenizer.vocab_size), [tokenizer.eos_id]
-    texts: list[str] = []
-    chars = 0
+    texts, chars = [], 0
     for doc in itertools.chain(docs, [None]):
         if doc is not None:
             texts.append(doc.text)
@@ -529,9 +504,8 @@ def _open_cache(tokens_path: Path, docs_path: Path, meta_path: Path) -> TokenCac
         starts = np.load(docs_path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
-            f"token cache {tokens_path} is truncated or corrupt ({exc}); delete "
-            f"{tokens_path.name}, {docs_path.name} and {meta_path.name} in "
-            f"{tokens_path.parent} to rebuild it"
+            f"token cache {tokens_path} is truncated or corrupt ({exc}); delete {tokens_path.name}, "
+            f"{docs_path.name} and {meta_path.name} in {tokens_path.parent} to rebuild it"
         ) from None
     return TokenCache(tokens_path, tokens, starts, built=False, meta=meta)
 
@@ -550,12 +524,10 @@ def build_token_cache(
 ) -> TokenCache:
     """Tokenise a corpus once into a flat memory-mapped file and reuse it afterwards.
 
-    Documents are read, tokenised in batches and streamed to disk with an EOS after each. The
-    key hashes the files' paths, sizes and mtimes, the tokenizer, the reader options and
-    ``max_bytes`` (the document crossing it is cut, and is the last). Files in ``cache_dir``:
-    ``tokens-<key>.bin`` (raw ``meta["dtype"]``), ``docs-<key>.npy`` (document starts) and
-    ``meta-<key>.json``, written last (its presence marks a complete entry). Every file is
-    written to a temporary name and renamed, so concurrent builders never see a partial cache.
+    Documents are tokenised in batches and streamed to disk, an EOS after each. The key hashes the files' paths, sizes
+    and mtimes, the tokenizer, the reader options and ``max_bytes`` (the document crossing it is cut and is the last).
+    In ``cache_dir``: ``tokens-<key>.bin`` (raw ``meta["dtype"]``), ``docs-<key>.npy`` (document starts), and last
+    ``meta-<key>.json`` (a complete entry); each is renamed from a temporary file, so no reader sees a partial cache.
 
     Example:
         >>> import tempfile
@@ -570,27 +542,20 @@ def build_token_cache(
     files = expand_paths(paths)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     reader = dict(format=format, split_paragraphs=bool(split_paragraphs), text_field=text_field, errors=errors)
-    files_key = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    key_data = dict(
-        version=_CACHE_VERSION,
-        tokenizer=tokenizer.fingerprint,
-        eos_id=tokenizer.eos_id,
-        options={**reader, "max_bytes": max_bytes},
-        files=files_key,
-    )
+    options = {**reader, "max_bytes": max_bytes}
+    key_data = dict(version=_CACHE_VERSION, tokenizer=tokenizer.fingerprint, eos_id=tokenizer.eos_id, options=options)
+    key_data["files"] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     paths3 = (cache_dir / f"tokens-{key}.bin", cache_dir / f"docs-{key}.npy", cache_dir / f"meta-{key}.json")
     if paths3[2].is_file():
         logger.info("reusing token cache %s", paths3[0])
         return _open_cache(*paths3)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    docs = _limit_bytes(
-        read_documents(files, format=format, split_paragraphs=split_paragraphs, text_field=text_field, errors=errors),
-        max_bytes,
-    )
+    docs = _limit_bytes(read_documents(files, **reader), max_bytes)
     stats = {"num_tokens": 0, "num_documents": 0, "text_bytes": 0, "truncated": False}
     lengths: list[np.ndarray] = []
     start = time.perf_counter()
+    bar = tqdm(desc=f"tokenising {len(files)} file(s)", unit="doc", disable=None if progress is None else not progress)
 
     def counted(docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
@@ -599,9 +564,7 @@ def build_token_cache(
             yield doc
 
     def write_tokens(fh) -> None:
-        with tqdm(
-            desc=f"tokenising {len(files)} file(s)", unit="doc", disable=None if progress is None else not progress
-        ) as bar:
+        with bar:
             for tokens, lens in _encoded_batches(tokenizer, counted(docs)):
                 fh.write(tokens.tobytes())
                 lengths.append(lens)
@@ -611,16 +574,10 @@ def build_token_cache(
 
     atomic_write(paths3[0], write_tokens)
     atomic_write(paths3[1], lambda fh: np.save(fh, _starts(np.concatenate(lengths))))
-    meta = {
-        **key_data,
-        "key": key,
-        "dtype": _token_dtype(tokenizer.vocab_size).name,
-        **stats,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    seconds = round(time.perf_counter() - start, 3)
+    meta = {**key_data, "key": key, "dtype": _token_dtype(tokenizer.vocab_size).name, **stats, "seconds": seconds}
     atomic_write(paths3[2], json.dumps(meta, indent=1).encode())
-    cache = _open_cache(*paths3)
-    return TokenCache(cache.path, cache.tokens, cache.doc_starts, built=True, meta=meta)
+    return replace(_open_cache(*paths3), built=True, meta=meta)
 
 
 # ------------------------------------------------------------------------------ blocks, batches
@@ -636,9 +593,8 @@ class Batch(NamedTuple):
 class PackedBlocks:
     """A token stream cut into non-overlapping blocks of ``block_len`` tokens.
 
-    Block ``i`` holds ``tokens[i*L : (i+1)*L]``; documents are packed back to back (each ends
-    with EOS) and may span blocks. The last partial block is padded with ``pad_id``
-    (default: the stream's last token, its EOS) and :meth:`batch` masks the padding.
+    Block ``i`` holds ``tokens[i*L : (i+1)*L]``; documents (each ending with EOS) are packed back to back across blocks.
+    The last block is padded with ``pad_id`` (default: the stream's last token, its EOS); :meth:`batch` masks padding.
 
     Example:
         >>> blocks = PackedBlocks(np.arange(10, dtype=np.uint16), block_len=4, chunk_size=2, pad_id=0)
@@ -708,11 +664,10 @@ class PackedBlocks:
 class BlockLoader:
     """Infinite, deterministic, resumable and rank-sharded batches of blocks.
 
-    Each epoch is a permutation of the blocks (seeded by a hash of ``(seed, epoch)``). With
-    global batch ``G = batch_size * world_size``, a step takes the next ``G`` blocks of the
-    permutation and rank ``r`` keeps rows ``[r*B, (r+1)*B)``: ``W`` processes see exactly the
-    batches of one process with batch ``G``. When fewer than ``G`` blocks are left the next
-    epoch begins. The position is kept in blocks, so a run resumes exactly even with another
+    Each epoch is a permutation of the blocks (seeded by a hash of ``(seed, epoch)``). With global batch
+    ``G = batch_size * world_size``, a step takes the next ``G`` blocks of the permutation and rank ``r`` keeps rows
+    ``[r*B, (r+1)*B)``: ``W`` processes see exactly the batches of one process with batch ``G``. When fewer than ``G``
+    blocks are left the next epoch begins. The position is kept in blocks, so a run resumes exactly even with another
     batch size or world size (same seed and data).
 
     Example:
@@ -779,13 +734,7 @@ class BlockLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position, for an exact resume: ``epoch``, ``offset`` and the identity of the data."""
-        return {
-            "epoch": self.epoch,
-            "offset": self.offset,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "num_blocks": self.num_blocks,
-        }
+        return {name: getattr(self, name) for name in ("epoch", "offset", "seed", "shuffle", "num_blocks")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position (any batch size or world size; same seed and data).
@@ -795,10 +744,8 @@ class BlockLoader:
         """
         for name in ("seed", "shuffle", "num_blocks"):
             if state.get(name) != getattr(self, name):
-                raise ValueError(
-                    f"the saved data position has {name}={state.get(name)!r} but this "
-                    f"run has {name}={getattr(self, name)!r}"
-                )
+                saved, ours = state.get(name), getattr(self, name)
+                raise ValueError(f"the saved data position has {name}={saved!r} but this run has {name}={ours!r}")
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or not 0 <= offset <= self.num_blocks:
             raise ValueError(f"invalid data position epoch={epoch}, offset={offset}")
@@ -813,9 +760,9 @@ def prepare_data(
 ) -> tuple[TextTokenizer, PackedBlocks, PackedBlocks]:
     """The tokenizer and the train/validation blocks of a run.
 
-    Resolves the training source (``train_files`` or the standard library), loads or trains the
-    tokenizer (kept as ``run_dir/tokenizer.json``), tokenises both splits into the shared cache
-    and cuts them into blocks padded with EOS. In a multi-process run call it on rank 0 first.
+    Resolves the training source (``train_files`` or the standard library), loads or trains the tokenizer (kept as
+    ``run_dir/tokenizer.json``), tokenises both splits into the shared cache and cuts them into blocks padded with EOS.
+    In a multi-process run call it on rank 0 first.
 
     Example:
         >>> import tempfile
@@ -830,9 +777,7 @@ def prepare_data(
         raise DataError(f"block_len: expected a positive multiple of chunk_size={chunk_size}, got {cfg.block_len}")
     run_dir = Path(run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(
-        format=cfg.format, split_paragraphs=cfg.split_paragraphs, text_field=cfg.text_field, errors=cfg.errors
-    )
+    options = {name: getattr(cfg, name) for name in ("format", "split_paragraphs", "text_field", "errors")}
     stdlib = {**options, "format": "python"}
     if cfg.train_files:
         train_paths, train_options = expand_paths(cfg.train_files), options
@@ -847,9 +792,8 @@ def prepare_data(
     if cfg.valid_files:
         valid_tokens = cache(cfg.valid_files, options, cfg.max_valid_bytes)
     elif not cfg.train_files:
-        valid_tokens = cache(
-            stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes), stdlib, cfg.max_valid_bytes
-        )
+        valid_paths = stdlib_source_files(split="valid", max_bytes=cfg.max_valid_bytes)
+        valid_tokens = cache(valid_paths, stdlib, cfg.max_valid_bytes)
     else:
         n = len(train_tokens)
         held = max(1, round(cfg.valid_fraction * n / cfg.block_len)) * cfg.block_len
@@ -873,8 +817,8 @@ def _run_tokenizer(cfg: DataConfig, run_dir: Path, train_paths: list[Path], opti
         tokenizer = TextTokenizer.load(saved, eos_token=cfg.eos_token)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise DataError(
-                f"vocab_size: {saved} has {tokenizer.vocab_size} tokens but vocab_size="
-                f"{cfg.vocab_size}; delete it to train a new tokenizer or fix vocab_size"
+                f"vocab_size: {saved} has {tokenizer.vocab_size} tokens but vocab_size={cfg.vocab_size}; "
+                "delete it to train a new tokenizer or fix vocab_size"
             )
         return tokenizer
     else:

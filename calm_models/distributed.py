@@ -2,12 +2,8 @@
 
 Single process: ``python -m calm_models.train ...``; several: ``torchrun --nproc_per_node=N -m
 calm_models.train ...``. :func:`init_distributed` reads torchrun's ``RANK``, ``LOCAL_RANK`` and
-``WORLD_SIZE``, picks the device (``auto``: CUDA, else MPS, else CPU), pins each process to
-``cuda:LOCAL_RANK`` and starts the process group (NCCL on CUDA, Gloo otherwise).
-
-Strategies of :func:`wrap_model`: ``"ddp"`` (:class:`~torch.nn.parallel.DistributedDataParallel`),
-``"fsdp"`` (FSDP2 ``fully_shard`` on every sub-module of the given classes, e.g. the transformer
-blocks, then on the root) and ``"none"``. In a single process every strategy returns the module.
+``WORLD_SIZE``, picks the device, pins each process to ``cuda:LOCAL_RANK`` and starts the process
+group (NCCL on CUDA, Gloo otherwise); :func:`wrap_model` applies DDP or FSDP2.
 """
 
 from __future__ import annotations
@@ -126,22 +122,17 @@ def cleanup() -> None:
 
 
 def wrap_model(
-    model: nn.Module,
-    info: DistInfo,
-    strategy: str = "ddp",
-    *,
-    fsdp_modules: Iterable[type[nn.Module]] = (),
-    fsdp_param_dtype: torch.dtype | None = None,
+    model: nn.Module, info: DistInfo, strategy: str = "ddp", *, fsdp_modules: Iterable[type[nn.Module]] = ()
 ) -> nn.Module:
-    """Move ``model`` to ``info.device`` and wrap it for data parallelism.
+    """Move ``model`` to ``info.device`` and wrap it for data parallelism (in one process: return it).
 
     Args:
         model: The module (compile after wrapping).
         info: From :func:`init_distributed`.
-        strategy: ``"ddp"``, ``"fsdp"`` or ``"none"``.
+        strategy: ``"ddp"`` (:class:`~torch.nn.parallel.DistributedDataParallel`), ``"fsdp"``
+            (FSDP2 ``fully_shard``) or ``"none"``.
         fsdp_modules: FSDP: sub-module classes sharded one by one before the root (the
             transformer blocks), so that their all-gathers overlap compute.
-        fsdp_param_dtype: FSDP: compute dtype of the parameters (gradients reduce in fp32).
 
     Example:
         >>> info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -156,18 +147,12 @@ def wrap_model(
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    kwargs = (
-        {}
-        if fsdp_param_dtype is None
-        else {"mp_policy": MixedPrecisionPolicy(param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32)}
-    )
     classes = tuple(fsdp_modules)
-    for sub in list(model.modules())[1:]:
-        if classes and isinstance(sub, classes):
-            fully_shard(sub, **kwargs)
-    fully_shard(model, **kwargs)
+    for sub in [m for m in model.modules() if m is not model and isinstance(m, classes)]:
+        fully_shard(sub)
+    fully_shard(model)
     return model
 
 

@@ -96,10 +96,8 @@ def evaluate_brier_lm(
 def format_result(result: BrierLMResult, title: str = "") -> str:
     """A Markdown table of Brier-1..n and BrierLM with standard errors."""
     lines = ([title] if title else []) + ["| metric | value | std. error |", "|---|---|---|"]
-    lines += [
-        f"| Brier-{i} | {v:.4f} | {se:.4f} |"
-        for i, (v, se) in enumerate(zip(result.brier, result.brier_se, strict=True), 1)
-    ]
+    pairs = zip(result.brier, result.brier_se, strict=True)
+    lines += [f"| Brier-{i} | {v:.4f} | {se:.4f} |" for i, (v, se) in enumerate(pairs, 1)]
     lines += [f"| BrierLM | {result.brier_lm:.3f} | {result.brier_lm_se:.3f} |", f"| positions | {result.count} | |"]
     return "\n".join(lines)
 
@@ -152,13 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.data:
                 raise ValueError("--hf needs --data FILE (a transformers model has no data split)")
-            run = load_hf_run(
-                args.hf,
-                device=args.device,
-                dtype=args.dtype,
-                eos_token=args.eos_token,
-                block_len=args.block_len or 1024,
-            )
+            hf_options = {"device": args.device, "dtype": args.dtype, "eos_token": args.eos_token}
+            run = load_hf_run(args.hf, block_len=args.block_len or 1024, **hf_options)
         else:
             run = load_run(args.checkpoint, device=args.device)
         if run.config.stage == "autoencoder":
@@ -181,34 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"scoring {run.checkpoint} (step {run.step})" + (f": {run.note}" if run.note else ""), file=sys.stderr)
-    n = len(blocks)
-    num_batches = -(-n // args.batch_size)
+    n, size = len(blocks), args.batch_size
+    num_batches = -(-n // size)
     num_batches = min(num_batches, args.batches) if args.batches else num_batches
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batches = (
-        blocks.batch(torch.arange(i * args.batch_size, min(n, (i + 1) * args.batch_size))) for i in range(num_batches)
-    )
+    batches = (blocks.batch(torch.arange(i * size, min(n, (i + 1) * size))) for i in range(num_batches))
     result = evaluate_brier_lm(model, batches, stride=args.stride, generator=generator, progress=True)
     source = ", ".join(args.data) if args.data else "validation split"
-    print(
-        format_result(result, f"{'hf' if args.hf else run.config.stage} {run.checkpoint} (step {run.step}) on {source}")
-    )
+    title = f"{'hf' if args.hf else run.config.stage} {run.checkpoint} (step {run.step}) on {source}"
+    print(format_result(result, title))
     out = Path(args.out) if args.out else run.checkpoint / "brier_lm.json"
-    atomic_write(
-        out,
-        to_json(
-            {
-                "checkpoint": str(run.checkpoint),
-                "step": run.step,
-                "data": args.data,
-                "stride": args.stride,
-                "block_len": block_len,
-                **result.to_dict(),
-            },
-            indent=2,
-        ).encode(),
-    )
+    record = {"checkpoint": str(run.checkpoint), "step": run.step, "data": args.data, "stride": args.stride}
+    atomic_write(out, to_json({**record, "block_len": block_len, **result.to_dict()}, indent=2).encode())
     print(f"wrote {out}")
     return 0
 

@@ -31,17 +31,15 @@ def linear_flops(*modules: nn.Module) -> float:
         >>> linear_flops(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2)))
         40.0
     """
-    return float(
-        sum(2 * m.in_features * m.out_features for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
-    )
+    linears = [m for mod in modules for m in mod.modules() if isinstance(m, nn.Linear)]
+    return float(sum(2 * m.in_features * m.out_features for m in linears))
 
 
 def backbone_flops(cfg: BackboneConfig, seq_len: int) -> float:
     """Forward FLOPs per position of the backbone with ``seq_len`` keys attended.
 
     Example:
-        >>> cfg = BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        ...                      ffn_size=128)
+        >>> cfg = BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=128)
         >>> backbone_flops(cfg, seq_len=32)
         163840.0
     """
@@ -55,24 +53,18 @@ def head_flops(
 ) -> float:
     """Forward FLOPs per position of ``head.sample(hidden, num_samples)`` or of ``head.loss``.
 
-    Args:
-        head: A head of :mod:`calm_models.heads`.
-        num_samples: Samples drawn per position (sampling).
-        loss: Count :meth:`loss` instead (energy: ``cfg.num_samples`` samples; flow and
-            diffusion: one evaluation per used target draw).
-        num_targets: Targets ``M`` given to the loss.
-        num_steps: Sampler steps of a flow or diffusion head (default: its configured number).
+    ``loss=True`` counts the loss on ``num_targets`` targets ``M`` instead (energy heads:
+    ``cfg.num_samples`` samples; flow and diffusion heads: one evaluation per used target draw);
+    ``num_steps`` overrides the configured sampler steps of a flow or diffusion head.
     """
+    n = head.cfg.num_samples if loss else num_samples  # samples of an energy head
     if head.cfg.type == "energy_mlp":  # the condition is concatenated to every sample's input
-        n = head.cfg.num_samples if loss else num_samples
-        per_sample = linear_flops(head.noise_embd, head.mlp_blocks, head.final_layer)
-        return linear_flops(head.hidden_embd) + n * per_sample
+        return linear_flops(head.hidden_embd) + n * linear_flops(head.noise_embd, head.mlp_blocks, head.final_layer)
     net = head.net
     cond = linear_flops(head.cond_proj)
     modulation = linear_flops(net.final_modulation, *(b.modulation for b in net.blocks))
     per_sample = linear_flops(net.input_proj, net.output, *(b.mlp for b in net.blocks))
     if head.cfg.type == "energy":
-        n = head.cfg.num_samples if loss else num_samples
         return cond + modulation + n * per_sample
     if loss:
         k = min(num_targets, head.cfg.max_target_draws)
@@ -86,11 +78,8 @@ def autoencoder_flops(ae: nn.Module) -> dict[str, float]:
     k, h, v = ae.chunk_size, ae.config.hidden_size, ae.vocab_size
     enc, dec = ae.encoder, ae.decoder
     encode = k * linear_flops(enc.token_layers) + linear_flops(enc.squeeze, enc.chunk_layers, enc.to_latent)
-    decode = (
-        k * linear_flops(dec.token_layers)
-        + linear_flops(dec.from_latent, dec.chunk_layers, dec.expand)
-        + 2.0 * k * v * h
-    )
+    decode = k * linear_flops(dec.token_layers) + linear_flops(dec.from_latent, dec.chunk_layers, dec.expand)
+    decode += 2.0 * k * v * h  # the tied output layer
     return {"train": 3.0 * (encode + decode) / k, "inference": decode / k, "encode": encode / k}
 
 

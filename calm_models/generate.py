@@ -48,15 +48,8 @@ def generate_text(
     ids = [torch.tensor(tok.encode(p), dtype=torch.long, device=device) for p in prompts]
     if any(t.numel() == 0 for t in ids):
         raise ValueError("every --prompt must contain at least one token")
-    out = run.model.generate(
-        ids,
-        max_new_tokens,
-        temperature=temperature,
-        sampler=sampler,
-        num_candidates=num_candidates,
-        eos_id=tok.eos_id,
-        generator=generator,
-    )
+    sampling = {"temperature": temperature, "sampler": sampler, "num_candidates": num_candidates}
+    out = run.model.generate(ids, max_new_tokens, eos_id=tok.eos_id, generator=generator, **sampling)
     return [tok.decode(o) for o in out.tokens], out
 
 
@@ -85,15 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         with warnings.catch_warnings():  # the fallback count is printed below, once
             warnings.simplefilter("ignore")
-            texts, out = generate_text(
-                run,
-                args.prompt,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                sampler=args.sampler,
-                num_candidates=args.num_candidates,
-                generator=gen,
-            )
+            sampling = {k: getattr(args, k) for k in ("temperature", "sampler", "num_candidates")}
+            texts, out = generate_text(run, args.prompt, args.max_new_tokens, generator=gen, **sampling)
         seconds = time.perf_counter() - start
     except (RunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

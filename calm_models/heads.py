@@ -1,22 +1,14 @@
 """Generative heads for next-vector prediction: energy, flow-matching and diffusion heads.
 
-A head turns a backbone hidden state into a distribution over the next latent vector. Each has
-the shape of MAR's diffusion-loss module: ``loss(hidden, targets)`` is the per-position
-training loss and ``sample(hidden, num_samples)`` draws vectors. All three share one network,
-a stack of residual MLP blocks whose layer norms are modulated (shift, scale, gate) by the
-conditioning vector, zero-initialised (MAR's head, DiT's adaLN-Zero).
-
-* :class:`EnergyHead` (CALM): one pass maps the hidden state and uniform noise to a sample;
-  trained with the energy score (:func:`likelihood_free.energy.energy_loss`).
-  :class:`MLPEnergyHead` is the same head with the network of the authors' released models.
-* :class:`FlowHead`: conditional flow matching on the linear path; sampling integrates the
-  learned velocity with Euler or midpoint steps.
-* :class:`DiffusionHead`: epsilon-prediction DDPM with the cosine schedule; DDIM sampling on a
-  strided subset of the training steps (``eta = 1`` ancestral, ``eta = 0`` deterministic).
-
-Flow and diffusion heads share :class:`NoiseToDataHead`: a network of (noisy vector, time,
-condition), a regression loss on corrupted target draws, and an iterative sampler; they differ
-only in how a target is corrupted and how a sampler step moves.
+A head turns a backbone hidden state into a distribution over the next latent vector, with the
+interface of MAR's diffusion-loss module: ``loss(hidden, targets)`` is the per-position training
+loss and ``sample(hidden, num_samples)`` draws vectors. :class:`EnergyHead` (CALM) samples in
+one pass and trains with the energy score (:func:`likelihood_free.energy.energy_loss`);
+:class:`MLPEnergyHead` is the same head with the network of the authors' released models.
+:class:`FlowHead` (flow matching) and :class:`DiffusionHead` (DDPM, DDIM sampling) build on
+:class:`NoiseToDataHead` and sample iteratively. The other heads share one network: residual MLP
+blocks whose layer norms are modulated (shift, scale, gate) by the conditioning vector,
+zero-initialised (MAR's head, DiT's adaLN-Zero).
 
 Axis key: ``...`` leading axes of ``hidden``; ``n`` samples per position; ``M`` target draws;
 ``k`` target draws used by the regression losses; ``h`` hidden size; ``w`` head width;
@@ -36,6 +28,14 @@ from calm_models.config import HeadConfig
 from likelihood_free.energy import energy_loss
 
 _TIME_FEATURES = 256  # size of the sinusoidal time features (DiT, MAR)
+
+
+def _init_linears(module: nn.Module, init_weight) -> None:
+    """``init_weight`` on the weight and zeros on the bias of every ``nn.Linear`` in ``module``, in order."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            init_weight(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class _AdaLNBlock(nn.Module):
@@ -66,10 +66,7 @@ class _AdaLNMLP(nn.Module):
         self.final_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.final_modulation = nn.Linear(width, 2 * width)
         self.output = nn.Linear(width, out_size)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_linears(self, nn.init.xavier_uniform_)
         for m in [*(b.modulation for b in self.blocks), self.final_modulation, self.output]:
             nn.init.zeros_(m.weight)
 
@@ -89,14 +86,8 @@ def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> No
     if targets is None:
         return
     expected = (*hidden.shape[:-1], head.latent_size)
-    if (
-        not isinstance(targets, torch.Tensor)
-        or not targets.is_floating_point()
-        or targets.dim() != hidden.dim() + 1
-        or targets.shape[0] < 1
-        or tuple(targets.shape[1:]) != expected
-        or targets.device != hidden.device
-    ):
+    ok = isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.device == hidden.device
+    if not ok or targets.dim() != hidden.dim() + 1 or targets.shape[0] < 1 or tuple(targets.shape[1:]) != expected:
         got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(
             f"{name}: targets must be a float tensor (M, {', '.join(map(str, expected))}) on {hidden.device}, got {got}"
@@ -110,7 +101,7 @@ class EnergyHead(nn.Module):
     by ``c = Linear(hidden)``; the output layer is zero-initialised (every sample is 0 at init).
     Training minimises the negated unbiased energy score of ``N = cfg.num_samples`` samples
     against the ``M`` targets,
-    :math:`\frac{2}{NM}\sum_{i,k}\lVert x_i - y_k\rVert^\beta - \frac{1}{N(N-1)}\sum_{i\neq j}\lVert x_i - x_j\rVert^\beta`.
+    :math:`\frac{2}{NM}\sum_{i,k}\lVert x_i-y_k\rVert^\beta - \frac{1}{N(N-1)}\sum_{i\neq j}\lVert x_i-x_j\rVert^\beta`.
 
     Example:
         >>> head = EnergyHead(HeadConfig(hidden_size=32, num_blocks=2), cond_size=16, latent_size=4)
@@ -126,16 +117,17 @@ class EnergyHead(nn.Module):
         self.cfg, self.cond_size, self.latent_size = cfg, cond_size, latent_size
         self.cond_proj = nn.Linear(cond_size, cfg.hidden_size)
         self.net = _AdaLNMLP(cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks, cfg.norm_eps)
-        nn.init.xavier_uniform_(self.cond_proj.weight)
-        nn.init.zeros_(self.cond_proj.bias)
+        _init_linears(self.cond_proj, nn.init.xavier_uniform_)
 
     def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
         eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
-        y = F.silu(self.cond_proj(hidden)).unsqueeze(0)  # (1, ..., w): shared by all samples
-        return self.net(eps, y).to(hidden.dtype)  # (n, ..., l)
+        return self._generate(eps, hidden).to(hidden.dtype)  # (n, ..., l)
+
+    def _generate(self, eps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(eps, F.silu(self.cond_proj(hidden)).unsqueeze(0))  # condition (1, ..., w): shared
 
     def loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
@@ -177,13 +169,12 @@ class _FinalLayer(nn.Module):
 class MLPEnergyHead(EnergyHead):
     r"""The energy head of the authors' released models (``HeadConfig.type = "energy_mlp"``).
 
-    A sample is the reference's "MLP generator": ``x = LN(Linear(eps))`` for uniform noise
-    ``eps ~ U[-1/2, 1/2]^z``, the condition ``c = LN(Linear(hidden))`` (computed once per
-    position), ``num_blocks`` residual blocks ``x + down(silu(g) * u)`` with
-    ``[g, u] = L3(silu(L2(silu(L1([LN(x), c])))))``, and a final ``L(silu(L(LN(x))))`` to the
-    latent. All layer norms are affine; every linear layer has a bias; the last one starts at
-    zero. Training is the energy loss, as :class:`EnergyHead`. Parameter names follow the
-    reference (``noise_embd``, ``mlp_blocks.{i}.linears``...), so its weights load unchanged.
+    A sample is the reference's "MLP generator": ``x = LN(Linear(eps))`` for noise
+    ``eps ~ U[-1/2, 1/2]^z``, the condition ``c = LN(Linear(hidden))``, ``num_blocks`` blocks
+    ``x + down(silu(g) * u)`` with ``[g, u] = L3(silu(L2(silu(L1([LN(x), c])))))`` and a final
+    ``L(silu(L(LN(x))))`` whose last layer starts at zero (affine norms, biases everywhere).
+    Parameter names follow the reference (``noise_embd``, ``mlp_blocks.{i}.linears``...), so its
+    weights load unchanged.
 
     Example:
         >>> cfg = HeadConfig(type="energy_mlp", hidden_size=16, num_blocks=2, noise_size=8)
@@ -199,22 +190,15 @@ class MLPEnergyHead(EnergyHead):
         self.hidden_embd, self.norm_hidden = nn.Linear(cond_size, w), nn.LayerNorm(w, eps=eps)
         self.mlp_blocks = nn.ModuleList(_MLPBlock(w, eps) for _ in range(cfg.num_blocks))
         self.final_layer = _FinalLayer(w, latent_size, eps)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        _init_linears(self, lambda weight: nn.init.normal_(weight, std=0.02))
         nn.init.zeros_(self.final_layer.linears[-1].weight)
 
-    def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
-        _check_inputs(self, hidden)
-        shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
-        eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+    def _generate(self, eps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm_noise(self.noise_embd(eps))  # (n, ..., w)
         c = self.norm_hidden(self.hidden_embd(hidden)).expand_as(x)  # (n, ..., w), shared
         for block in self.mlp_blocks:
             x = block(x, c)
-        return self.final_layer(x).to(hidden.dtype)
+        return self.final_layer(x)
 
 
 class NoiseToDataHead(nn.Module):
@@ -235,11 +219,8 @@ class NoiseToDataHead(nn.Module):
         self.cond_proj = nn.Linear(cond_size, w)
         self.time_embed = nn.Sequential(nn.Linear(_TIME_FEATURES, w), nn.SiLU(), nn.Linear(w, w))
         self.net = _AdaLNMLP(latent_size, w, latent_size, cfg.num_blocks, cfg.norm_eps)
-        nn.init.xavier_uniform_(self.cond_proj.weight)
-        nn.init.zeros_(self.cond_proj.bias)
-        for m in self.time_embed[::2]:
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        _init_linears(self.cond_proj, nn.init.xavier_uniform_)
+        _init_linears(self.time_embed, lambda weight: nn.init.normal_(weight, std=0.02))
 
     def _net_out(self, x: torch.Tensor, time: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``f(x (n, ..., l), time (broadcastable), cond (1, ..., w))`` in the state's dtype."""
@@ -291,15 +272,9 @@ class NoiseToDataHead(nn.Module):
             x = self._step(x, t, s, net, generator)
         return x.to(hidden.dtype)
 
-    def _steps(self, num_steps: int | None) -> int:
-        return self._default_steps() if num_steps is None else check_int(num_steps, "num_steps", 1)
-
     def num_evaluations(self, num_steps: int | None = None) -> int:
         """Network evaluations of one :meth:`sample` call."""
-        return self._steps(num_steps) * self._evals_per_step()
-
-    def _evals_per_step(self) -> int:
-        return 1
+        return self._steps(num_steps)
 
 
 class FlowHead(NoiseToDataHead):
@@ -316,18 +291,17 @@ class FlowHead(NoiseToDataHead):
     """
 
     def _corrupt(self, x1, x0, generator):
-        shape = x1.shape[:-1]  # (k, ...)
-        u = (torch.rand if self.cfg.flow_time_dist == "uniform" else torch.randn)(
-            shape, generator=generator, device=x1.device, dtype=x1.dtype
-        )
-        t = u if self.cfg.flow_time_dist == "uniform" else torch.sigmoid(u)
+        uniform = self.cfg.flow_time_dist == "uniform"
+        draw = torch.rand if uniform else torch.randn
+        u = draw(x1.shape[:-1], generator=generator, device=x1.device, dtype=x1.dtype)
+        t = u if uniform else torch.sigmoid(u)  # (k, ...)
         return (1 - t[..., None]) * x0 + t[..., None] * x1, t, x1 - x0
 
-    def _default_steps(self) -> int:
-        return self.cfg.flow_steps
+    def _steps(self, num_steps: int | None) -> int:
+        return self.cfg.flow_steps if num_steps is None else check_int(num_steps, "num_steps", 1)
 
-    def _evals_per_step(self) -> int:
-        return 2 if self.cfg.flow_solver == "midpoint" else 1
+    def num_evaluations(self, num_steps: int | None = None) -> int:
+        return super().num_evaluations(num_steps) * (2 if self.cfg.flow_solver == "midpoint" else 1)
 
     def _schedule(self, steps: int) -> list[float]:
         return [i / steps for i in range(steps + 1)]
@@ -373,15 +347,11 @@ class DiffusionHead(NoiseToDataHead):
         ab = self.alphas_cumprod[t].to(x1.dtype).unsqueeze(-1)  # (k, ..., 1)
         return ab.sqrt() * x1 + (1 - ab).sqrt() * x0, t.to(x1.dtype) / num_train, x0
 
-    def _default_steps(self) -> int:
-        return self.cfg.diffusion_steps
-
     def _steps(self, num_steps: int | None) -> int:
-        steps = super()._steps(num_steps)
-        if steps > self.cfg.diffusion_train_steps:
-            raise ValueError(
-                f"num_steps must be <= diffusion_train_steps = {self.cfg.diffusion_train_steps}, got {steps}"
-            )
+        steps = self.cfg.diffusion_steps if num_steps is None else check_int(num_steps, "num_steps", 1)
+        limit = self.cfg.diffusion_train_steps
+        if steps > limit:
+            raise ValueError(f"num_steps must be <= diffusion_train_steps = {limit}, got {steps}")
         return steps
 
     def _schedule(self, steps: int) -> list[float]:

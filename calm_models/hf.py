@@ -6,13 +6,12 @@ scores it with the same estimator, positions and standard errors as the token ba
 
     python -m calm_models.evaluate --hf MODEL_DIR --data FILE [--block-len 1024] [--dtype bf16]
 
-The estimate at position ``s`` is ``2 P(y_{1:n}) - P(x_{1:n})`` (see
-:class:`~calm_models.baseline.BrierTerms`): the target's probability comes from one
-teacher-forced pass, the sampled continuation ``x`` from rollouts of every position at once,
-each a row whose prefix is left-padded (attention mask and position ids), decoded with the
-model's key/value cache. The text is tokenised with the ``tokenizer.json`` of the model's folder
-and every document ends with its EOS (detected, or ``--eos-token``); no BOS is added.
-``transformers`` is an optional dependency (``pip install transformers``); nothing is downloaded.
+The estimate ``2 P(y_{1:n}) - P(x_{1:n})`` (:class:`~calm_models.baseline.BrierTerms`) takes
+the target's probability from one teacher-forced pass and samples ``x`` for every position at
+once, one left-padded row per position, with the model's key/value cache. The text is tokenised
+with the folder's ``tokenizer.json``, each document ending with its EOS (detected, or
+``--eos-token``; no BOS). ``transformers`` is optional (``pip install transformers``); nothing
+is downloaded.
 
 Axis key: ``b`` rows, ``L`` tokens, ``P`` positions, ``n`` n-gram order, ``V`` vocabulary.
 """
@@ -22,13 +21,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calm_models._layers import check_int, check_tokens
+from calm_models._layers import check_int, check_tokens, masked_cross_entropy
 from calm_models.baseline import _sample_next, _sample_with_logprob
 from calm_models.config import DataConfig, TrainConfig
-from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad
+from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad, target_logprobs
 
 
 class HFLanguageModel(nn.Module):
@@ -40,8 +38,7 @@ class HFLanguageModel(nn.Module):
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> hf = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1,
-        ...                                 n_head=2))
+        >>> hf = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2))
         >>> model = HFLanguageModel(hf).eval()
         >>> model.brier_estimates(torch.randint(20, (2, 12)), torch.tensor([4, 8])).shape
         torch.Size([2, 2, 4])
@@ -51,20 +48,14 @@ class HFLanguageModel(nn.Module):
 
     def __init__(self, model: nn.Module, rollout_rows: int = 64) -> None:
         super().__init__()
-        self.hf = model
-        self.rollout_rows = rollout_rows
+        self.hf, self.rollout_rows = model, rollout_rows
         cfg = model.config
         self.vocab_size = cfg.vocab_size
         self.max_tokens = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
 
-    def _logits(self, tokens, mask=None, past=None, positions=None):
-        out = self.hf(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=past is not None or mask is not None,
-        )
+    def _logits(self, tokens, mask=None, past=None, pos=None):
+        cache = past is not None or mask is not None
+        out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=cache)
         return out.logits, out.past_key_values
 
     def loss(
@@ -73,9 +64,7 @@ class HFLanguageModel(nn.Module):
         """Mean next-token cross-entropy over ``(b, L)`` blocks (padded targets left out)."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size)
         logits = self._logits(tokens[:, :-1])[0].float()
-        weight = torch.ones_like(tokens[:, 1:], dtype=torch.float) if mask is None else mask[:, 1:].float()
-        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        return {"loss": (ce * weight.flatten()).sum() / weight.sum().clamp_min(1)}
+        return {"loss": masked_cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:])[0]}
 
     @torch.no_grad()
     def brier_estimates(
@@ -89,16 +78,11 @@ class HFLanguageModel(nn.Module):
         """Unbiased Brier-1..n estimates ``(b, P, n)``, position ``s`` predicting ``tokens[:, s:s+n]``."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size)
         b, length = tokens.shape
-        check_int(max_order, "max_order", 1)
-        if positions is None:
-            positions = torch.arange(1, length - max_order + 1, device=tokens.device)
         starts = check_positions(positions, length, max_order, 1, tokens.device)  # (P,)
         p = starts.shape[0]
         u = torch.rand(b, p, max_order, generator=generator, device=tokens.device)
         logits = self._logits(tokens)[0].float()  # (b, L, V)
-        pred = logits[:, :-1]  # teacher forcing
-        target_lp = pred.gather(-1, tokens[:, 1:, None]).squeeze(-1) - pred.logsumexp(-1)
-        target_lp = target_lp[:, starts[:, None] - 1 + torch.arange(max_order, device=tokens.device)]
+        target_lp = target_logprobs(logits, tokens, starts, max_order)  # teacher forcing
         # rollouts: one row per (row, position), its prefix left-padded to the longest
         width = int(starts.max())
         col = torch.arange(width, device=tokens.device)
@@ -107,31 +91,26 @@ class HFLanguageModel(nn.Module):
         real = col[None, :] >= offset[:, None]  # (P, width)
         prefix = torch.where(real, tokens[:, src], 0).reshape(b * p, width)
         real = real.repeat(b, 1)
-        start_logits = logits[:, starts - 1].reshape(b * p, -1)
-        samples, sample_lp = [], []
-        for rows in torch.arange(b * p, device=tokens.device).split(self.rollout_rows):
-            x, lp = self._rollout(prefix[rows], real[rows], start_logits[rows], u.reshape(b * p, max_order)[rows])
-            samples.append(x)
-            sample_lp.append(lp)
-        sample_lp = torch.cat(sample_lp).reshape(b, p, max_order)
-        return 2 * target_lp.cumsum(-1).exp() - sample_lp.cumsum(-1).exp()
+        start_logits, u = logits[:, starts - 1].reshape(b * p, -1), u.reshape(b * p, max_order)
+        rows = torch.arange(b * p, device=tokens.device).split(self.rollout_rows)
+        sample_lp = torch.cat([self._rollout(prefix[r], real[r], start_logits[r], u[r]) for r in rows])
+        return 2 * target_lp.cumsum(-1).exp() - sample_lp.reshape(b, p, max_order).cumsum(-1).exp()
 
     def _rollout(self, prefix, real, logits, u):
-        """Sample ``n`` tokens after each left-padded prefix: ``(x, log P(x))``, each ``(r, n)``."""
+        """Sample ``n`` tokens after each left-padded prefix; their log-probabilities ``(r, n)``."""
         mask = real.long()
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        past, xs, lps = None, [], []
+        past, lps = None, []
         for j in range(u.shape[1]):
             x, lp = _sample_with_logprob(logits, u[:, j])
-            xs.append(x)
             lps.append(lp)
             if j + 1 < u.shape[1]:
                 if past is None:  # prefill the prefixes, then one token per step
-                    _, past = self._logits(prefix, mask, positions=pos)
+                    _, past = self._logits(prefix, mask, pos=pos)
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
                 step_logits, past = self._logits(x[:, None], mask, past, pos[:, -1:] + j + 1)
                 logits = step_logits[:, -1].float()
-        return torch.stack(xs, -1), torch.stack(lps, -1)
+        return torch.stack(lps, -1)
 
     @torch.no_grad()
     def generate(
@@ -218,7 +197,5 @@ def load_hf_run(
     except (OSError, ValueError, DataError) as exc:
         raise RunError(f"{folder}: {str(exc).splitlines()[0]}") from None
     model = HFLanguageModel(hf.to(dev).eval())
-    cfg = TrainConfig(
-        stage="ar", data=DataConfig(block_len=min(block_len, model.max_tokens), eos_token=tokenizer.eos_token)
-    )
-    return LoadedRun(model.eval(), cfg, tokenizer, folder, 0, "")
+    data = DataConfig(block_len=min(block_len, model.max_tokens), eos_token=tokenizer.eos_token)
+    return LoadedRun(model.eval(), TrainConfig(stage="ar", data=data), tokenizer, folder, 0, "")

@@ -1,10 +1,9 @@
 """Append-only training metrics: JSON lines (the source of truth), a CSV copy, optional TensorBoard.
 
-Every :meth:`MetricsLogger.log` appends one JSON object to ``run_dir/metrics.jsonl`` and one
-row to ``run_dir/metrics.csv`` and flushes both, so a crash loses nothing logged. A record with
-a new key rewrites the CSV with the wider header (atomically). On resume, ``resume_step``
-drops the records the interrupted run logged after its checkpoint, so curves have no repeated
-steps. Non-finite numbers are written as ``null``.
+Every :meth:`MetricsLogger.log` appends one JSON object to ``run_dir/metrics.jsonl`` and one row to
+``run_dir/metrics.csv`` and flushes both, so a crash loses nothing logged. A record with a new key rewrites the CSV with
+the wider header (atomically). On resume, ``resume_step`` drops the records the interrupted run logged after its
+checkpoint, so curves have no repeated steps. Non-finite numbers are written as ``null``.
 
 Example:
     >>> import tempfile
@@ -39,10 +38,8 @@ _FIRST_COLUMNS = ("step", "split", "time")
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"metric tensors must hold one element, got shape {tuple(value.shape)}")
-        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"metric tensors must hold one element, got shape {tuple(value.shape)}")
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
@@ -118,16 +115,12 @@ class MetricsLogger:
 
                 self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError:
-                warnings.warn(
-                    "tensorboard is not installed; logging to metrics.jsonl and "
-                    "metrics.csv only (pip install tensorboard)",
-                    stacklevel=2,
-                )
+                message = "tensorboard is not installed; logging to metrics.jsonl and metrics.csv only"
+                warnings.warn(f"{message} (pip install tensorboard)", stacklevel=2)
 
     def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
-        self._columns = [c for c in _FIRST_COLUMNS if any(c in r for r in records)]
-        for record in records:
-            self._columns += [k for k in record if k not in self._columns]
+        first = [c for c in _FIRST_COLUMNS if any(c in r for r in records)]
+        self._columns = list(dict.fromkeys([*first, *(k for record in records for k in record)]))
         buffer = io.StringIO()
         if self._columns:
             writer = csv.DictWriter(buffer, fieldnames=self._columns, lineterminator="\n")
@@ -169,12 +162,7 @@ class MetricsLogger:
             self._csv.flush()
         if self._writer is not None and step is not None:
             for key, value in record.items():
-                if (
-                    key not in _FIRST_COLUMNS
-                    and isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                    and math.isfinite(value)
-                ):
+                if key not in _FIRST_COLUMNS and type(value) in (int, float) and math.isfinite(value):  # not bool
                     self._writer.add_scalar(f"{split}/{key}" if split else key, value, int(step))
             self._writer.flush()
 

@@ -31,14 +31,13 @@ from likelihood_free.temperature import batched_temperature_sample, temperature_
 
 #: Valid values of the ``sampler`` argument of :meth:`CALM.generate`.
 SAMPLERS = ("exact", "batch")
-#: The exact sampler refuses temperatures below ``1 / EXACT_MAX_DRAWS`` (an attempt needs
-#: ``floor(1/T)`` identical draws; the cost of one chunk is then bounded by ``max_rounds``
-#: attempts of at most this many draws per row).
+#: The exact sampler refuses temperatures below ``1 / EXACT_MAX_DRAWS``: an attempt needs ``floor(1/T)`` identical
+#: draws, so the cost of one chunk is bounded by ``max_rounds`` attempts of at most this many draws per row.
 EXACT_MAX_DRAWS = 1024
 
 
 class InputCompressor(nn.Module):
-    """The ``K`` flattened token embeddings of a chunk -> one input: ``Linear(K h, h)``, then ``x + SwiGLU(RMSNorm(x))``.
+    """The ``K`` token embeddings of a chunk -> one input: ``Linear(K h, h)``, then ``x + SwiGLU(RMSNorm(x))``.
 
     Example:
         >>> InputCompressor(chunk_size=4, hidden_size=8, ffn_size=16)(torch.randn(2, 3, 32)).shape
@@ -136,24 +135,17 @@ class CALM(nn.Module):
     def loss(
         self, tokens: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Head loss (negated energy score for the energy head) averaged over predicted chunks.
+        """Head loss (negated energy score for the energy head) averaged over predicted chunks: ``{"loss": scalar}``.
 
-        Args:
-            tokens: Token ids ``(b, L)``, ``L = C*K``, ``C >= 2``.
-            mask: Optional bool ``(b, L)``, ``False`` on padding; a chunk holding padding is not
-                a target.
-            generator: Optional generator for the posterior draws and the head's noise.
-
-        Returns:
-            ``{"loss": scalar}``.
+        ``tokens`` ``(b, L)`` holds ``C = L / K >= 2`` chunks; ``mask`` (bool ``(b, L)``, ``False`` on
+        padding) leaves every chunk holding padding out of the targets; ``generator`` drives the
+        posterior draws and the head's noise.
         """
         tokens = self._tokens(tokens)
         if tokens.shape[1] < 2 * self.chunk_size:
             raise ValueError(f"tokens must hold at least 2 chunks, got length {tokens.shape[1]}")
-        with torch.no_grad():
-            targets = self.autoencoder.sample_posterior(
-                tokens, self.config.num_targets, generator=generator
-            )  # (M, b, C, l)
+        with torch.no_grad():  # targets (M, b, C, l)
+            targets = self.autoencoder.sample_posterior(tokens, self.config.num_targets, generator=generator)
         hidden = self.hidden_states(tokens)  # (b, C, h)
         per_chunk = self.head.loss(hidden[:, :-1], targets[:, :, 1:].float(), generator=generator)
         if mask is None:
@@ -180,16 +172,12 @@ class CALM(nn.Module):
         num_samples: int = 2,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Independent ``max_order``-token continuations at every chunk boundary, all at once.
+        """Independent ``max_order``-token continuations at every chunk boundary: ``(draws (S, b, P, n), starts (P,))``.
 
-        Position ``s = K, 2K, ...`` (with ``s + max_order <= L``) continues ``tokens[:, :s]``.
-        With ``K < max_order`` each continuation runs on for ``D = ceil(max_order / K)`` chunks,
-        every position at once: the rollout chunk of position ``c`` at depth ``j`` attends to the
-        real prefix up to ``c`` and to its own earlier rollout chunks only (a block-diagonal
+        Position ``s = K, 2K, ...`` (with ``s + max_order <= L``) continues ``tokens[:, :s]``, for
+        ``D = ceil(max_order / K)`` chunks: the rollout chunk of position ``c`` at depth ``j`` attends
+        to the real prefix up to ``c`` and to its own earlier rollout chunks only (a block-diagonal
         mask over keys appended to the cache), so ``D`` backbone passes cover all positions.
-
-        Returns:
-            ``(draws (S, b, P, max_order), starts (P,))``.
         """
         tokens = self._tokens(tokens)
         k = self.chunk_size
@@ -211,10 +199,8 @@ class CALM(nn.Module):
             eye = torch.eye(num_chunks, dtype=torch.bool, device=tokens.device)
             for j in range(1, depth):
                 mask = torch.cat([prefix] + [eye] * j, dim=1)[None, None]  # (1, 1, C, C(1+j))
-                prev = chunks[-1].reshape(num_samples * b, num_chunks * k)
-                hidden = self.hidden_states(
-                    prev, position_ids=(pos + j)[None], attn_mask=mask, cache=cache
-                )  # (S*b, C, h)
+                prev = chunks[-1].reshape(num_samples * b, num_chunks * k)  # (S*b, C*K) -> states (S*b, C, h)
+                hidden = self.hidden_states(prev, position_ids=(pos + j)[None], attn_mask=mask, cache=cache)
                 nxt = self.sample_chunks(hidden, 1, generator)[0]  # (S*b, C, K)
                 chunks.append(nxt.view(num_samples, b, num_chunks, k))
         draws = torch.cat(chunks, dim=-1)[:, :, :num_pos, :max_order]  # (S, b, P, n)
@@ -231,12 +217,9 @@ class CALM(nn.Module):
     ) -> torch.Tensor:
         """Unbiased Brier-1..n estimates ``1{x1=y} + 1{x2=y} - 1{x1=x2}`` per position, ``(b, P, n)``.
 
-        Args:
-            tokens: Token ids ``(b, L)``.
-            positions: Token indices ``s`` (multiples of ``K``, ``s >= K``); position ``s``
-                predicts ``tokens[:, s:s+max_order]``. Default: every chunk boundary.
-            max_order: Longest n-gram (4 for BrierLM).
-            generator: Optional generator.
+        Position ``s`` (a multiple of ``K``, ``s >= K``; default: every chunk boundary) predicts
+        ``tokens[:, s:s+max_order]`` from the prefix of token ids ``(b, L)``; ``max_order`` is the
+        longest n-gram (4 for BrierLM).
         """
         tokens = self._tokens(tokens)
         draws, starts = self.sample_continuations(tokens, max_order=max_order, num_samples=2, generator=generator)
@@ -245,34 +228,6 @@ class CALM(nn.Module):
             draws, starts = draws[:, :, positions // self.chunk_size - 1], positions
         index = starts[:, None] + torch.arange(max_order, device=tokens.device)  # (P, n)
         return brier_estimate(draws[0], draws[1], tokens[:, index])
-
-    def _next_chunk(
-        self,
-        hidden: torch.Tensor,
-        temperature: float,
-        sampler: str,
-        num_candidates: int,
-        max_rounds: int,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, int]:
-        """One chunk ``(b, K)`` per state ``(b, h)``, and how many rows fell back untempered."""
-        if temperature == 1.0:
-            return self.sample_chunks(hidden, 1, generator)[0], 0
-        if sampler == "batch":
-            candidates = self.sample_chunks(hidden, num_candidates, generator)  # (N, b, K)
-            return batched_temperature_sample(candidates, temperature, event_ndim=1, generator=generator), 0
-        with warnings.catch_warnings():  # counted and reported once by generate
-            warnings.simplefilter("ignore")
-            result = temperature_sample(
-                lambda n, rows: self.sample_chunks(hidden[rows], n, generator),
-                temperature,
-                max_rounds=max_rounds,
-                on_exhausted="fallback",
-                pass_rows=True,
-                batch_size=hidden.shape[0],
-                generator=generator,
-            )
-        return result.samples, int(result.exhausted.sum())
 
     @torch.no_grad()
     def generate(
@@ -289,23 +244,21 @@ class CALM(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> Generation:
-        """Generate chunk by chunk with a KV cache.
+        """Generate chunk by chunk with a KV cache; returns a :class:`~calm_models.protocol.Generation`.
 
         Prompts are left-padded to whole chunks and to a common number of chunks; whole padding
         chunks are masked out and positions count from each row's first real chunk (pads inside
         a partial first chunk are read as context, hence ``pad_id`` defaults to ``eos_id``, the
-        document separator). A temperature ``T < 1`` comes from :mod:`likelihood_free`'s
-        samplers around the head: ``"exact"`` (:func:`~likelihood_free.temperature_sample`,
-        exact for any ``T``; rows that cannot be tempered within ``max_rounds`` rounds fall back
-        to an untempered draw, with a warning and the count in :attr:`Generation.fallbacks`) or
-        ``"batch"`` (:func:`~likelihood_free.batched_temperature_sample` over
-        ``num_candidates`` draws, approximate, one head call per step).
+        document separator).
 
         Args:
             prompts: A list of 1-D token tensors or a ``(b, t)`` tensor.
             max_new_tokens: Tokens per row (the last chunk is cut to fit).
             temperature: ``T`` in ``(0, 1]``.
-            sampler: ``"exact"`` or ``"batch"``.
+            sampler: How ``T < 1`` is reached: ``"exact"`` (:func:`~likelihood_free.temperature_sample`, exact
+                for any ``T``; a row not tempered within ``max_rounds`` rounds falls back to an untempered
+                draw, with a warning, counted in ``Generation.fallbacks``) or ``"batch"``
+                (:func:`~likelihood_free.batched_temperature_sample`, approximate, one head call per step).
             num_candidates: Draws per step of the batch sampler.
             max_rounds: Rounds of the exact sampler before a row falls back.
             eos_id: Rows stop after emitting it (kept in the output).
@@ -313,12 +266,8 @@ class CALM(nn.Module):
             generator: Optional generator.
             use_cache: ``False`` recomputes the whole context every step (for tests).
 
-        Returns:
-            :class:`~calm_models.protocol.Generation`.
-
         Raises:
-            ValueError: On bad arguments, or a prompt plus ``max_new_tokens`` longer than the
-                backbone's ``max_seq_len`` chunks.
+            ValueError: On bad arguments, or a prompt plus ``max_new_tokens`` over ``max_seq_len`` chunks.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -331,6 +280,27 @@ class CALM(nn.Module):
                 f"a row per tempered chunk, more than the exact sampler's {EXACT_MAX_DRAWS} per "
                 "call; use sampler='batch' (a fixed cost at any temperature)"
             )
+
+        def next_chunk(hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+            """One chunk ``(b, K)`` per state ``(b, h)``, and how many rows fell back untempered."""
+            if temperature == 1.0:
+                return self.sample_chunks(hidden, 1, generator)[0], 0
+            if sampler == "batch":
+                candidates = self.sample_chunks(hidden, num_candidates, generator)  # (N, b, K)
+                return batched_temperature_sample(candidates, temperature, event_ndim=1, generator=generator), 0
+            with warnings.catch_warnings():  # counted and reported once by generate
+                warnings.simplefilter("ignore")
+                result = temperature_sample(
+                    lambda n, rows: self.sample_chunks(hidden[rows], n, generator),
+                    temperature,
+                    max_rounds=max_rounds,
+                    on_exhausted="fallback",
+                    pass_rows=True,
+                    batch_size=hidden.shape[0],
+                    generator=generator,
+                )
+            return result.samples, int(result.exhausted.sum())
+
         k, device = self.chunk_size, self.embedding.weight.device
         pad = pad_id if pad_id is not None else (0 if eos_id is None else eos_id)
         tokens, real = left_pad(prompts, pad, k, self.autoencoder.vocab_size, device)
@@ -350,15 +320,10 @@ class CALM(nn.Module):
         for step in range(steps):
             cur = c0 + step
             t0 = cur - 1 if cache is not None and step > 0 else 0
-            kwargs = {"cache": cache}
-            if masked:
-                kwargs.update(
-                    position_ids=positions[:, t0:cur], attn_mask=padded_causal_mask(key_valid[:, :cur], cur - t0)
-                )
-            hidden = self.hidden_states(tokens[:, t0 * k :], **kwargs)[:, -1]  # (b, h)
-            chunk, fell = self._next_chunk(
-                hidden, float(temperature), sampler, num_candidates, max_rounds, generator
-            )  # (b, K)
+            pos = positions[:, t0:cur] if masked else None
+            mask = padded_causal_mask(key_valid[:, :cur], cur - t0) if masked else None
+            hidden = self.hidden_states(tokens[:, t0 * k :], position_ids=pos, attn_mask=mask, cache=cache)[:, -1]
+            chunk, fell = next_chunk(hidden)  # (b, K)
             out.append(chunk)
             fallbacks += fell
             tokens = torch.cat([tokens, chunk], dim=1)
@@ -368,9 +333,8 @@ class CALM(nn.Module):
                     break
         if fallbacks:
             warnings.warn(
-                f"{fallbacks} sampled chunk(s) fell back to untempered draws: the exact "
-                f"sampler found no tempered sample within max_rounds={max_rounds} at "
-                f"T={temperature:g}; use sampler='batch' for low temperatures",
+                f"{fallbacks} sampled chunk(s) fell back to untempered draws: the exact sampler found no tempered "
+                f"sample within max_rounds={max_rounds} at T={temperature:g}; use sampler='batch' for low temperatures",
                 stacklevel=2,
             )
         generated = torch.cat(out, dim=1)[:, :max_new_tokens]

@@ -37,8 +37,6 @@ from torch import nn
 
 from calm_models.config import _BUILTIN_OPTIMIZERS, _TORCH_OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
 
-_INSTALL_HINT = "pip install torch-optimizer (or the project's [dev] extra)"
-
 
 def _torch_optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
     """Lower-case name -> optimiser class of ``torch-optimizer`` (ImportError when absent)."""
@@ -76,13 +74,13 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     except ImportError:
         if key in _TORCH_OPTIMIZER_NAMES:
             raise ImportError(
-                f"optimizer {name!r} comes from the torch-optimizer package, which is not installed: {_INSTALL_HINT}"
+                f"optimizer {name!r} comes from the torch-optimizer package, which is not installed: "
+                "pip install torch-optimizer (or the project's [dev] extra)"
             ) from None
         registry = {}
     if key not in registry:
-        raise ValueError(
-            f"unknown optimizer {name!r}; valid names: {', '.join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])}"
-        )
+        valid = ", ".join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {valid}")
     return registry[key]
 
 
@@ -94,21 +92,14 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         >>> [(g["name"], [tuple(p.shape) for p in g["params"]]) for g in decay_param_groups(m, 0.1)]
         [('decay', [(3, 3)]), ('no_decay', [(3,), (3,), (3,)])]
     """
-    embeddings = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-        for p in m.parameters(recurse=False)
-    }
+    embedding_modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    embeddings = {id(p) for m in embedding_modules for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for p in model.parameters():  # tied parameters appear once
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    groups = [("decay", decay, float(weight_decay)), ("no_decay", no_decay, 0.0)]
+    return [{"name": name, "params": params, "weight_decay": wd} for name, params, wd in groups if params]
 
 
 def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -130,14 +121,12 @@ def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
     cls = _optimizer_class(cfg.name)
     signature = inspect.signature(cls.__init__)
     accepts = set(signature.parameters)
-    if isinstance(params_or_model, nn.Module):
-        groups: list[Any] = (
-            decay_param_groups(params_or_model, cfg.weight_decay)
-            if "weight_decay" in accepts
-            else [p for p in params_or_model.parameters() if p.requires_grad]
-        )
+    if not isinstance(params_or_model, nn.Module):
+        groups: list[Any] = list(params_or_model)
+    elif "weight_decay" in accepts:
+        groups = decay_param_groups(params_or_model, cfg.weight_decay)
     else:
-        groups = list(params_or_model)
+        groups = [p for p in params_or_model.parameters() if p.requires_grad]
     if not groups:
         raise ValueError("params_or_model has no trainable parameter to optimise")
     optional = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum}

@@ -4,16 +4,16 @@ Usage::
 
     python -m calm_models.plot RUN_DIR [--out curves.png] [--keys loss brier_lm] [--smooth 0.9]
 
-One row of panels per metric (by default ``loss``, ``brier_lm`` and every key containing
-``accuracy``, when present), one line per split (train/valid); the left column is against the
-optimiser step and, when the records carry a token count (``tokens``, ``tokens_seen`` or
-``tokens_processed``), the right column is against tokens.  Needs matplotlib (the ``[plot]``
-extra); the Agg backend is used, so no display is required.
+One row of panels per metric (by default ``loss``, ``brier_lm`` and every key containing ``accuracy``, when present),
+one line per split (train/valid); the left column is against the optimiser step and, when the records carry a token
+count (``tokens``, ``tokens_seen`` or ``tokens_processed``), the right column is against tokens.  Needs matplotlib (the
+``[plot]`` extra); the Agg backend is used, so no display is required.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Sequence
@@ -23,26 +23,16 @@ from typing import Any
 from calm_models.metrics import read_metrics
 
 _TOKEN_KEYS = ("tokens", "tokens_seen", "tokens_processed")
-_TITLES = {"loss": "loss", "brier_lm": "BrierLM", "accuracy": "reconstruction accuracy"}
 
 
 def _default_keys(records: list[dict[str, Any]]) -> list[str]:
-    present: list[str] = []
-    for record in records:
-        present.extend(k for k in record if k not in present)
+    present = list(dict.fromkeys(k for record in records for k in record))
     keys = [k for k in ("loss", "brier_lm") if k in present]
-    keys += [k for k in present if "accuracy" in k and not k.endswith("_se")]
-    return keys
+    return keys + [k for k in present if "accuracy" in k and not k.endswith("_se")]
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:
-    if alpha <= 0:
-        return values
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else alpha * avg + (1 - alpha) * v
-        out.append(avg)
-    return out
+    return list(itertools.accumulate(values, lambda avg, v: alpha * avg + (1 - alpha) * v))
 
 
 def plot_metrics(
@@ -57,8 +47,7 @@ def plot_metrics(
     Args:
         run_dir: Run directory (or a ``.jsonl`` file).
         out: Output image; default ``run_dir/metrics.png``.
-        keys: Metrics to draw (one row each); default ``loss``, ``brier_lm`` and the
-            ``*accuracy*`` keys that are present.
+        keys: Metrics to draw, one row each (default: ``loss``, ``brier_lm`` and the ``*accuracy*`` keys present).
         smooth: Exponential-moving-average factor in ``[0, 1)`` applied to the train split.
 
     Returns:
@@ -95,9 +84,8 @@ def plot_metrics(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError(
-            "matplotlib is not installed: pip install matplotlib (or the project's [plot] extra)"
-        ) from None
+        hint = "pip install matplotlib (or the project's [plot] extra)"
+        raise ImportError(f"matplotlib is not installed: {hint}") from None
 
     token_key = next((k for k in _TOKEN_KEYS if any(k in r for r in records)), None)
     step_tokens = {r["step"]: r[token_key] for r in records if token_key and "step" in r and token_key in r}
@@ -105,6 +93,7 @@ def plot_metrics(
     splits = sorted({str(r.get("split", "train")) for r in records}, key=lambda s: (s != "train", s))
     fig, axes = plt.subplots(len(keys), len(axes_x), figsize=(6 * len(axes_x), 3.2 * len(keys)), squeeze=False)
     for row, key in enumerate(keys):
+        title = "BrierLM" if key == "brier_lm" else "reconstruction accuracy" if "accuracy" in key else key
         for col, xname in enumerate(axes_x):
             ax = axes[row][col]
             for index, split in enumerate(splits):
@@ -120,9 +109,7 @@ def plot_metrics(
                 xs, ys = zip(*points, strict=True)
                 ys = _ema(list(ys), smooth if split == "train" else 0.0)
                 ax.plot(xs, ys, label=split, color=f"C{index}", marker="o" if len(xs) < 30 else None, markersize=3)
-            ax.set_xlabel(xname)
-            ax.set_ylabel(key)
-            ax.set_title(_TITLES.get(key, "reconstruction accuracy" if "accuracy" in key else key))
+            ax.set(xlabel=xname, ylabel=key, title=title)
             ax.grid(alpha=0.3)
             ax.legend()
     fig.tight_layout()
@@ -134,13 +121,7 @@ def plot_metrics(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; prints one-line errors and returns the exit status.
-
-    Args:
-        argv: Arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        0 on success, 2 on error.
+    """Command-line entry point on ``argv`` (default ``sys.argv[1:]``); returns 0, or 2 after a one-line error.
 
     Example:
         >>> main(["/nonexistent/run"])  # prints "error: run directory not found: ..." to stderr

@@ -50,30 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = min(len(blocks), max(1, args.max_tokens // blocks.block_len))
+    tokens = n * blocks.block_len
     device = next(ae.parameters()).device
-    batches = (
-        blocks.get_batch(torch.arange(i, min(n, i + args.batch_size))).to(device) for i in range(0, n, args.batch_size)
-    )
+    size = args.batch_size
+    batches = (blocks.get_batch(torch.arange(i, min(n, i + size))).to(device) for i in range(0, n, size))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     table = robustness_table(ae, batches, sigmas=SIGMAS, generator=gen)
     source = ", ".join(args.data) if args.data else "validation split"
-    print(f"Autoencoder of {run.checkpoint} on {source} ({n * blocks.block_len} tokens)")
+    print(f"Autoencoder of {run.checkpoint} on {source} ({tokens} tokens)")
     print("| sigma | token accuracy |\n|---|---|")
     for sigma, acc in table.items():
         print(f"| {sigma:g} | {100 * acc:.2f}% |")
     out = Path(args.out) if args.out else run.checkpoint
-    atomic_write(
-        out / "robustness.json",
-        to_json(
-            {
-                "checkpoint": str(run.checkpoint),
-                "data": args.data,
-                "tokens": n * blocks.block_len,
-                "accuracy": {str(s): a for s, a in table.items()},
-            },
-            indent=2,
-        ).encode(),
-    )
+    accuracy = {str(s): a for s, a in table.items()}
+    record = {"checkpoint": str(run.checkpoint), "data": args.data, "tokens": tokens, "accuracy": accuracy}
+    atomic_write(out / "robustness.json", to_json(record, indent=2).encode())
     try:
         import matplotlib
 

@@ -1,9 +1,8 @@
 """Build models from configs, and load trained runs (model, config, tokenizer) for the tools.
 
-A *run directory* holds ``config.yaml``, ``tokenizer.json``, ``metrics.jsonl`` and
-``checkpoints/``; every checkpoint also holds the config it was saved with. :func:`load_run`
-takes a run directory (its newest usable checkpoint) or one checkpoint directory and says which
-checkpoint it uses and why, when that is not the newest one.
+A *run directory* holds ``config.yaml``, ``tokenizer.json``, ``metrics.jsonl`` and ``checkpoints/``; every checkpoint
+also holds the config it was saved with. :func:`load_run` takes a run directory (its newest usable checkpoint) or one
+checkpoint directory and says which checkpoint it uses and why, when that is not the newest one.
 """
 
 from __future__ import annotations
@@ -68,22 +67,19 @@ class LoadedRun:
 
     def blocks(self, files: list[str] | None = None, block_len: int | None = None) -> PackedBlocks:
         """Blocks of ``files`` (tokenised with the run's tokenizer), or of the run's validation split."""
-        block_len = block_len or self.config.data.block_len
+        block_len, k = block_len or self.config.data.block_len, self.config.chunk_size
         if files:
             tokens, _ = encode_documents(self.tokenizer, read_documents(files))
         else:
-            tokens = prepare_data(self.config.data, self.run_dir, chunk_size=self.config.chunk_size, progress=False)[
-                2
-            ].tokens
-        return PackedBlocks(tokens, block_len, self.config.chunk_size, pad_id=self.tokenizer.eos_id)
+            tokens = prepare_data(self.config.data, self.run_dir, chunk_size=k, progress=False)[2].tokens
+        return PackedBlocks(tokens, block_len, k, pad_id=self.tokenizer.eos_id)
 
 
 def _choose(path: Path) -> tuple[Path, str]:
     """The checkpoint to load for ``path`` and, if it is not the newest, why."""
     if (path / ckpt.META_FILE).exists() or not path.is_dir():
         chosen = ckpt.resolve_checkpoint(path)
-        problem = ckpt.checkpoint_problem(chosen)
-        if problem:
+        if problem := ckpt.checkpoint_problem(chosen):
             raise RunError(problem)
         return chosen, ""
     chosen, skipped = ckpt.newest_sound_checkpoint(path)
@@ -102,8 +98,7 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
         device: ``auto`` or a torch device.
 
     Raises:
-        RunError: One line: no such run, no usable checkpoint, a corrupt or mismatched file, an
-            unavailable device.
+        RunError: One line: no such run, no usable checkpoint, a corrupt or mismatched file, an unavailable device.
     """
     path = Path(path)
     if not path.exists():

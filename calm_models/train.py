@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,19 +37,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calm_models import checkpoint as ckpt
+from calm_models import distributed
 from calm_models.autoencoder import reconstruction_accuracy
 from calm_models.backbone import _Block
 from calm_models.config import STAGES, ConfigError, PipelineConfig, TrainConfig, load_config, preset, save_config
 from calm_models.data import BlockLoader, DataError, PackedBlocks, prepare_data
-from calm_models.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    autocast_context,
-    barrier,
-    cleanup,
-    init_distributed,
-    wrap_model,
-)
 from calm_models.evaluate import evaluate_brier_lm, format_result
 from calm_models.metrics import MetricsLogger
 from calm_models.optim import build_optimizer, build_scheduler
@@ -95,11 +88,9 @@ class _Signals:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+        with suppress(ValueError):  # not the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -113,11 +104,7 @@ class _Signals:
 
 
 class _RunLock:
-    """An exclusive ``flock`` on ``run_dir/.lock``, held for the life of the run.
-
-    The kernel releases it when the holder dies, so the lock of a killed run is taken over
-    (with a note naming the old process).
-    """
+    """An exclusive ``flock`` on ``run_dir/.lock`` for the run's life; a dead holder's lock is taken over."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
@@ -165,8 +152,6 @@ def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"{run_dir} holds an earlier run ({old[0].name}); pass --resume to "
                 "continue it or --overwrite to start over (deleting it)"
             )
-        import shutil
-
         for p in old + [run_dir / "metrics.csv", run_dir / "config.yaml"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -187,11 +172,8 @@ def _resume_point(run_dir: Path, fallback: bool) -> Path | None:
             f"cannot resume from the newest checkpoint {newest.name}: {problem}; the "
             f"newest complete one is {good.name}: pass --fallback to resume from it"
         )
-    print(
-        f"note: resuming from {good.name}, the newest complete checkpoint, because "
-        f"{newest.name} is unusable ({problem})",
-        file=sys.stderr,
-    )
+    reason = f"the newest complete checkpoint, because {newest.name} is unusable ({problem})"
+    print(f"note: resuming from {good.name}, {reason}", file=sys.stderr)
     return good
 
 
@@ -210,31 +192,25 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: DistInfo) -> dict:
+def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: distributed.DistInfo) -> dict:
     """Validation loss and the stage's metric (reconstruction accuracy or BrierLM), over ranks."""
     n, b = len(valid), cfg.run.batch_size
-    batches = [
-        valid.batch(torch.arange(j * b, (j + 1) * b) % n)
-        for j in range(info.rank, cfg.run.eval_batches * info.world_size, info.world_size)
-    ]
+    ids = range(info.rank, cfg.run.eval_batches * info.world_size, info.world_size)
+    batches = [valid.batch(torch.arange(j * b, (j + 1) * b) % n) for j in ids]
     batches = [(t.to(info.device), m.to(info.device)) for t, m in batches]
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)
-    out = {"loss": float(all_reduce_mean(torch.stack([model.loss(t, m)["loss"].float() for t, m in batches]).mean()))}
+    losses = torch.stack([model.loss(t, m)["loss"].float() for t, m in batches])
+    out = {"loss": float(distributed.all_reduce_mean(losses.mean()))}
     if cfg.stage == "autoencoder":
         for sigma in (0.0, 0.3):
             acc = torch.stack([reconstruction_accuracy(model, t, sigma, gen) for t, _ in batches])
-            out[f"recon_acc_sigma{sigma:g}"] = float(all_reduce_mean(acc.mean()))
+            out[f"recon_acc_sigma{sigma:g}"] = float(distributed.all_reduce_mean(acc.mean()))
     else:
         out.update(evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict())
     model.train(was_training)
     return out
-
-
-def _format_eval(step: int, metrics: dict) -> str:
-    keys = [k for k in ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se") if k in metrics]
-    return f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> TrainResult:
@@ -254,10 +230,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     try:
-        info = init_distributed(run.device)
+        info = distributed.init_distributed(run.device)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     main_process = info.rank == 0
+    show_progress = run.progress and main_process
     torch.manual_seed(run.seed)  # the same initialisation on every rank
     cfg, autoencoder = _stage_config(cfg)
     if main_process and run_dir.exists() and not run_dir.is_dir():
@@ -267,12 +244,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
             _claim(run_dir, resume, overwrite)
         # -- data: rank 0 trains the tokenizer and fills the token cache first ------------------
         if not main_process:
-            barrier()
+            distributed.barrier()
         tokenizer, train_blocks, valid_blocks = prepare_data(
-            cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=run.progress and main_process
+            cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=show_progress
         )
         if main_process:
-            barrier()
+            distributed.barrier()
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
         loader = BlockLoader(
             train_blocks, run.batch_size * run.grad_accum, seed=run.seed, rank=info.rank, world_size=info.world_size
@@ -280,24 +257,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
 
         # -- model, wrapped for data parallelism, then its optimiser ----------------------------
         model = build_model(cfg, tokenizer.vocab_size, autoencoder).to(info.device)
-        strategy = run.strategy if info.world_size > 1 else "none"
-        objective = wrap_model(_Objective(model), info, strategy, fsdp_modules=(_Block,))
+        objective = distributed.wrap_model(_Objective(model), info, run.strategy, fsdp_modules=(_Block,))
         optimizer = build_optimizer(model, cfg.optim)  # after FSDP replaced the parameters
         scheduler = build_scheduler(optimizer, cfg.schedule, run.steps)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "config": cfg}
 
         # -- resume ---------------------------------------------------------------------------
         step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
         start_from = _resume_point(run_dir, fallback) if resume else None
         if start_from is not None:
-            state = ckpt.load_checkpoint(
-                start_from,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                config=cfg,
-                sections=cfg.model_sections(),
-            )
+            state = ckpt.load_checkpoint(start_from, sections=cfg.model_sections(), **parts)
             step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
             skipped = state.get("skipped", 0)
             try:
@@ -313,52 +283,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
 
         if run.compile:
             objective = torch.compile(objective)
-        autocast = autocast_context(info.device, run.precision)
-        logger = MetricsLogger(
-            run_dir,
-            enabled=main_process,
-            tensorboard=run.tensorboard,
-            resume_step=step if start_from is not None else None,
-        )
+        autocast = distributed.autocast_context(info.device, run.precision)
+        resume_step = step if start_from is not None else None
+        logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard, resume_step=resume_step)
         flops_per_token = model.flops_per_token(cfg.data.block_len)["train"]
         tokens_per_step = run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len
 
         def snapshot() -> dict:
             """The train state at this step boundary, RNG states of every rank included."""
-            rng = ckpt.capture_rng_state()
-            rngs = [rng]
+            rngs = [ckpt.capture_rng_state()] * info.world_size
             if info.world_size > 1:
-                rngs = [None] * info.world_size
-                torch.distributed.all_gather_object(rngs, rng)
-            return {
-                "step": step,
-                "tokens": tokens_seen,
-                "elapsed": elapsed,
-                "skipped": skipped,
-                "loader": loader.state_dict(),
-                "rng": rngs,
-            }
+                torch.distributed.all_gather_object(rngs, rngs[0])
+            counters = {"step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped": skipped}
+            return {**counters, "loader": loader.state_dict(), "rng": rngs}
 
         def save(state: dict) -> None:
-            ckpt.save_checkpoint(
-                run_dir,
-                step=state["step"],
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                train_state=state,
-                config=cfg,
-                keep_last=run.keep_last,
-            )
+            ckpt.save_checkpoint(run_dir, step=state["step"], train_state=state, keep_last=run.keep_last, **parts)
+
+        def evaluate() -> dict:
+            """Validation metrics, logged and shown."""
+            metrics = _evaluate(model, cfg, valid_blocks, info)
+            seen = {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen}
+            logger.log({**seen, **metrics}, step=step, split="valid")
+            if main_process:
+                keys = ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
+                tqdm.write(f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
+            return metrics
 
         # -- the loop -------------------------------------------------------------------------
-        bar = tqdm(
-            total=run.steps,
-            initial=step,
-            desc=cfg.stage,
-            dynamic_ncols=True,
-            disable=not (run.progress and main_process),
-        )
+        bar = tqdm(total=run.steps, initial=step, desc=cfg.stage, dynamic_ncols=True, disable=not show_progress)
         model.train()
         t_start = time.perf_counter() - elapsed
         state = snapshot()
@@ -367,18 +320,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
                 if run.max_time_s is not None and time.perf_counter() - t_start >= run.max_time_s:
                     break
                 t0 = time.perf_counter()
-                tokens, mask = (t.to(info.device) for t in next(loader))  # (b * accum, L)
+                tokens, mask = (t.to(info.device).chunk(run.grad_accum) for t in next(loader))  # accum x (b, L)
                 loss_sum = torch.zeros((), device=info.device)
-                for micro, (tok, msk) in enumerate(
-                    zip(tokens.chunk(run.grad_accum), mask.chunk(run.grad_accum), strict=True)
-                ):
+                for micro, (tok, msk) in enumerate(zip(tokens, mask, strict=True)):
                     sync = micro == run.grad_accum - 1 or not hasattr(objective, "no_sync")
                     with nullcontext() if sync else objective.no_sync(), autocast:
                         loss = objective(tok, msk)["loss"] / run.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
-                finite = bool(torch.isfinite(all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all())
+                finite = bool(torch.isfinite(distributed.all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all())
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
                     if skipped >= run.max_nonfinite_skips:
@@ -400,31 +351,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
                 elapsed = time.perf_counter() - t_start
                 state = snapshot()
                 if step % run.log_every == 0 or step == run.steps:
-                    loss_value = float(all_reduce_mean(loss_sum))
+                    loss_value = float(distributed.all_reduce_mean(loss_sum))
                     tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                    logger.log(
-                        {
-                            "loss": loss_value,
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm),
-                            "tokens": tokens_seen,
-                            "tokens_per_s": tok_s,
-                            "train_flops": flops_per_token * tokens_seen,
-                            "time_s": elapsed,
-                        },
-                        step=step,
-                        split="train",
-                    )
+                    lr, flops = scheduler.get_last_lr()[0], flops_per_token * tokens_seen
+                    record = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen}
+                    record |= {"tokens_per_s": tok_s, "train_flops": flops, "time_s": elapsed}
+                    logger.log(record, step=step, split="train")
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 if run.eval_every and step % run.eval_every == 0 and step < run.steps:
-                    metrics = _evaluate(model, cfg, valid_blocks, info)
-                    logger.log(
-                        {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics},
-                        step=step,
-                        split="valid",
-                    )
-                    bar.write(_format_eval(step, metrics)) if main_process else None
+                    evaluate()
                 if run.save_every and step % run.save_every == 0 and step < run.steps:
                     save(state)
         bar.close()
@@ -434,13 +370,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
                 print(f"interrupted at step {step}: saved {run_dir}", file=sys.stderr)
             logger.close()
             return TrainResult(run_dir, step, signals.received)
-        metrics = _evaluate(model, cfg, valid_blocks, info)
-        logger.log(
-            {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen, **metrics}, step=step, split="valid"
-        )
+        metrics = evaluate()
         logger.close()
-        if main_process:
-            print(_format_eval(step, metrics))
     return TrainResult(run_dir, step, None, metrics)
 
 
@@ -457,12 +388,8 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
     ae = train(ae_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     if ae.interrupted is not None:
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
-    lm_cfg = replace(
-        cfg.lm_stage,
-        stage="calm",
-        autoencoder_path=str(ae.run_dir),
-        run=replace(cfg.lm_stage.run, out_dir=str(out / "calm")),
-    )
+    lm_run = replace(cfg.lm_stage.run, out_dir=str(out / "calm"))
+    lm_cfg = replace(cfg.lm_stage, stage="calm", autoencoder_path=str(ae.run_dir), run=lm_run)
     lm = train(lm_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     result = {"autoencoder": ae.run_dir, "calm": lm.run_dir}
     if lm.interrupted is not None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
@@ -487,20 +414,18 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m calm_models.train",
-        description=("Train the autoencoder, CALM, the token baseline, or the whole pipeline."),
+        description="Train the autoencoder, CALM, the token baseline, or the whole pipeline.",
     )
     parser.add_argument("stage", choices=(*STAGES, "pipeline"))
     parser.add_argument("--preset", default="tiny", help="tiny, small or m (default tiny)")
     parser.add_argument("--config", default=None, help="YAML or TOML file")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument(
-        "--fallback",
-        action="store_true",
-        help="with --resume: take the newest complete checkpoint if the latest is corrupt",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier run in run.out_dir instead of refusing"
-    )
+    flags = {
+        "--resume": "continue from the latest checkpoint",
+        "--fallback": "with --resume: take the newest complete checkpoint if the latest is corrupt",
+        "--overwrite": "delete an earlier run in run.out_dir instead of refusing",
+    }
+    for flag, text in flags.items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     return parser.parse_intermixed_args(argv)
 
@@ -518,12 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             stage = [o for o in args.overrides if o.split("=", 1)[0].strip() == "stage"]
             if stage and stage[-1].split("=", 1)[1].strip() != args.stage:
                 raise ConfigError(f"{stage[-1]} conflicts with the stage argument {args.stage!r}")
-            cfg = load_config(
-                TrainConfig,
-                preset=preset(args.preset, args.stage),
-                file=args.config,
-                overrides=[*args.overrides, f"stage={args.stage}"],
-            )
+            base, overrides = preset(args.preset, args.stage), [*args.overrides, f"stage={args.stage}"]
+            cfg = load_config(TrainConfig, preset=base, file=args.config, overrides=overrides)
             interrupted = train(cfg, **flags).interrupted
     except (ConfigError, DataError, TrainError, RunError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -532,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        cleanup()
+        distributed.cleanup()
     return 0 if interrupted is None else 128 + int(interrupted)
 
 
