@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,16 @@ def _default_atol(dtype: torch.dtype) -> float:
     return max(1e-4, 2.0 * torch.finfo(dtype).eps)
 
 
+def _check_atol(atol: object) -> float | None:
+    if atol is None:
+        return None
+    if isinstance(atol, bool) or not isinstance(atol, Real):
+        raise TypeError(f"atol must be a nonnegative finite number or None, got {atol!r}")
+    if not (math.isfinite(atol) and atol >= 0):  # also refuses nan
+        raise ValueError(f"atol must be a nonnegative finite number or None, got {atol!r}")
+    return float(atol)
+
+
 def brier_score(
     probs: Tensor, target: Tensor, *, validate: bool = True, atol: float | None = None
 ) -> Tensor:
@@ -75,15 +86,18 @@ def brier_score(
             ``-atol``) and sums to 1 (within ``atol``) and that ``target`` is in range; this costs
             one host synchronisation. Pass False in hot paths: nothing is checked on the host
             and positions whose target is out of range return NaN.
-        atol: Tolerance of the probability checks; default ``max(1e-4, 2 * eps(probs.dtype))``.
+        atol: Tolerance of the probability checks, a nonnegative finite number; default
+            ``max(1e-4, 2 * eps(probs.dtype))``.
 
     Returns:
         Tensor of shape ``(...)`` with the dtype of ``probs``.
 
     Raises:
-        TypeError: If ``probs`` is not floating or ``target`` is not an integer tensor.
-        ValueError: If the shapes or devices do not match, ``V == 0``, or (with ``validate``)
-            the probabilities are not a distribution or a target is out of range.
+        TypeError: If ``probs`` is not floating, ``target`` is not an integer tensor or
+            ``atol`` is not a number.
+        ValueError: If the shapes or devices do not match, ``V == 0``, ``atol`` is negative or
+            not finite, or (with ``validate``) the probabilities are not a distribution or a
+            target is out of range.
 
     Example:
         >>> import torch
@@ -93,6 +107,7 @@ def brier_score(
     """
     _require_tensor(probs, "probs")
     _require_tensor(target, "target")
+    atol = _check_atol(atol)
     if not probs.is_floating_point():
         raise TypeError(f"probs must have a floating dtype, got {probs.dtype}")
     if not _is_integer_like(target) or target.dtype == torch.bool:
@@ -114,7 +129,7 @@ def brier_score(
     in_range = (target >= 0) & (target < vocab)  # (...)
 
     if validate:
-        tol = _default_atol(probs.dtype) if atol is None else float(atol)
+        tol = _default_atol(probs.dtype) if atol is None else atol
         bad = torch.stack(
             [
                 (~torch.isfinite(p)).any(),
@@ -202,7 +217,7 @@ def brier_estimate(x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
     return hit1 + hit2 - collide
 
 
-def brier_lm(briers: Tensor) -> Tensor:
+def brier_lm(briers: Tensor | Any) -> Tensor:
     """BrierLM: 100 times the geometric mean of Brier-1 .. Brier-n.
 
     ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis. Brier scores can be
@@ -211,15 +226,20 @@ def brier_lm(briers: Tensor) -> Tensor:
     negative scores cannot multiply into a positive BrierLM. The paper's BrierLM uses ``n = 4``.
 
     Args:
-        briers: Brier scores, shape ``(..., n)`` with ``n >= 1``, floating dtype (computed in at
-            least fp32).
+        briers: Brier scores in ``[-1, 1]``, shape ``(..., n)`` with ``n >= 1``: a floating
+            tensor, or any array-like of numbers (list, tuple, NumPy array), converted with
+            :func:`torch.as_tensor` (integers to the default float dtype). Computed in at least
+            fp32. Checking the range costs one host synchronisation.
 
     Returns:
-        Tensor of shape ``(...)`` with the dtype of ``briers``.
+        Tensor of shape ``(...)`` with the dtype of ``briers`` (of the converted tensor for an
+        array-like, e.g. float64 for a float64 NumPy array).
 
     Raises:
-        TypeError: If ``briers`` is not a floating tensor.
-        ValueError: If ``briers`` has no last axis or ``n == 0``.
+        TypeError: If ``briers`` is an integer, bool or complex tensor, or cannot be converted
+            to a real tensor.
+        ValueError: If ``briers`` has no last axis or ``n == 0``, or holds a value outside
+            ``[-1, 1]`` (where no Brier score lies) or NaN.
 
     Example:
         >>> import torch
@@ -228,14 +248,33 @@ def brier_lm(briers: Tensor) -> Tensor:
         tensor([50.0000, 28.2843,  0.0000])
         >>> brier_lm(torch.tensor([-0.5, -0.5, 0.5, 0.5]))  # not 50: two negatives stay 0
         tensor(0.)
+        >>> brier_lm([0.8, 0.4, 0.2, 0.1])  # any array-like
+        tensor(28.2843)
     """
-    _require_tensor(briers, "briers")
+    if not isinstance(briers, Tensor):
+        try:
+            converted = torch.as_tensor(briers)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                "briers must be a floating tensor or an array-like of numbers, got "
+                f"{type(briers).__name__}"
+            ) from err
+        if converted.dtype == torch.bool or converted.is_complex():
+            raise TypeError(f"briers must hold real numbers, got {converted.dtype}")
+        if not converted.is_floating_point():
+            converted = converted.to(torch.get_default_dtype())
+        briers = converted
     if not briers.is_floating_point():
         raise TypeError(f"briers must have a floating dtype, got {briers.dtype}")
     if briers.ndim < 1 or briers.shape[-1] == 0:
         raise ValueError(f"briers must have shape (..., n) with n >= 1, got {tuple(briers.shape)}")
     n = briers.shape[-1]
     b = briers.to(torch.promote_types(briers.dtype, torch.float32))  # (..., n)
+    if bool(((b < -1.0) | (b > 1.0) | b.isnan()).any()):  # one host sync
+        raise ValueError(
+            "briers must hold Brier scores, which lie in [-1, 1]; got values outside [-1, 1] or "
+            "NaN (pass the scores, not BrierLM values or percentages)"
+        )
     prod = b.clamp(min=0.0).prod(dim=-1)  # (...)
     return (100.0 * prod.pow(1.0 / n)).to(briers.dtype)
 
@@ -513,7 +552,8 @@ class BrierLM:
             state: Dict with keys ``max_order``, ``count``, ``sum``, ``sum_outer``.
 
         Raises:
-            ValueError: If keys are missing or ``max_order`` / shapes do not match.
+            ValueError: If keys are missing, ``max_order`` / shapes do not match or ``count`` is
+                not a nonnegative integer.
         """
         expected = {"max_order", "count", "sum", "sum_outer"}
         if not isinstance(state, dict) or set(state) != expected:
@@ -532,6 +572,10 @@ class BrierLM:
                 f"state tensors must have shapes count (), sum ({n},), sum_outer ({n}, {n}); got "
                 f"{tuple(count.shape)}, {tuple(total.shape)}, {tuple(outer.shape)}"
             )
+        if count.is_complex() or count.dtype == torch.bool or not bool(
+            count >= 0 and count == torch.floor(count)
+        ):
+            raise ValueError(f"state count must be a nonnegative integer, got {state['count']!r}")
         device = self.device
         self._count = count.to(device=device, dtype=torch.int64, copy=True)
         self._sum = total.to(device=device, dtype=torch.float64, copy=True)
