@@ -220,8 +220,9 @@ def brier_estimate(x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
 def brier_lm(briers: Tensor | Any) -> Tensor:
     """BrierLM: 100 times the geometric mean of Brier-1 .. Brier-n.
 
-    ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis. Brier scores can be
-    negative (a confident wrong model), where the geometric mean is undefined; as in CALM the
+    ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis, computed as
+    ``100 * exp(mean_j log max(b_j, 0))`` so that small scores do not underflow. Brier scores can
+    be negative (a confident wrong model), where the geometric mean is undefined; as in CALM the
     result is then 0. Each factor is clamped, not just the product, so that an even number of
     negative scores cannot multiply into a positive BrierLM. The paper's BrierLM uses ``n = 4``.
 
@@ -275,8 +276,10 @@ def brier_lm(briers: Tensor | Any) -> Tensor:
             "briers must hold Brier scores, which lie in [-1, 1]; got values outside [-1, 1] or "
             "NaN (pass the scores, not BrierLM values or percentages)"
         )
-    prod = b.clamp(min=0.0).prod(dim=-1)  # (...)
-    return (100.0 * prod.pow(1.0 / n)).to(briers.dtype)
+    # exp(mean(log b)) rather than prod(b) ** (1/n): the product of n small scores underflows
+    # (four scores of 1e-12 gave 0 in float32); log(0) = -inf gives exactly 0 for clamped ones
+    mean_log = b.clamp(min=0.0).log().mean(dim=-1)  # (...)
+    return (100.0 * mean_log.exp()).to(briers.dtype)
 
 
 @dataclass(frozen=True)
@@ -481,13 +484,16 @@ class BrierLM:
         if count == 0:
             return BrierLMResult((nan,) * n, (nan,) * n, nan, nan, 0)
         mean = total / count  # (n,)
-        prod = float(np.prod(np.clip(mean, 0.0, None)))  # any nonpositive Brier-j gives 0
-        lm = 100.0 * prod ** (1.0 / n) if math.isfinite(prod) else nan
+        positive = bool(np.all(mean > 0))  # any nonpositive Brier-j gives BrierLM 0
+        if not np.all(np.isfinite(mean)):
+            lm = nan
+        else:  # geometric mean in log space: a product of small means would underflow
+            lm = 100.0 * math.exp(float(np.mean(np.log(mean)))) if positive else 0.0
         if count >= 2:
             cov = (outer - count * np.outer(mean, mean)) / (count - 1.0)  # (n, n)
             cov = 0.5 * (cov + cov.T)
             se = np.sqrt(np.clip(np.diag(cov), 0.0, None) / count)
-            if prod > 0:
+            if positive and lm > 0:
                 grad = lm / (n * mean)  # (n,) dBrierLM / db_j
                 lm_se = math.sqrt(max(float(grad @ cov @ grad), 0.0) / count)
             else:

@@ -426,6 +426,16 @@ def test_brier_lm_accepts_array_likes():
         brier_lm([True, False])
 
 
+def test_brier_lm_of_small_scores_does_not_underflow():
+    # prod(b) ** (1/n) underflows: 1e-48 is below float32's smallest subnormal.
+    small = torch.full((4,), 1e-12)
+    torch.testing.assert_close(brier_lm(small), torch.tensor(1e-10))
+    torch.testing.assert_close(brier_lm(small.to(torch.bfloat16)).float(), torch.tensor(1e-10), rtol=1e-2, atol=0)
+    metric = BrierLM(max_order=40)  # 40 means of 1e-9: a float64 product of 1e-360
+    metric.update(torch.full((3, 40), 1e-9, dtype=torch.float64))
+    assert metric.compute().brier_lm == pytest.approx(1e-7, rel=1e-9)
+
+
 def test_brier_lm_errors():
     with pytest.raises(TypeError, match="briers"):
         brier_lm(torch.tensor([1, 1]))
