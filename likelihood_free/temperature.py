@@ -450,7 +450,7 @@ def temperature_sample(
         >>> bool((freq - target).abs().max() < 0.03)
         True
         >>> expected = 2 / (probs**2).sum()  # E[draws] = n / Z_T at T = 1/2
-        >>> bool(abs(out.draws.double().mean() - expected) < 0.1)
+        >>> bool(abs(out.draws.double().mean() - expected) < 0.25)  # 5 standard errors
         True
     """
     n, alpha = _split_inverse_temperature(temperature)
