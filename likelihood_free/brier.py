@@ -269,7 +269,6 @@ def brier_lm(briers: Tensor | Any) -> Tensor:
         raise TypeError(f"briers must have a floating dtype, got {briers.dtype}")
     if briers.ndim < 1 or briers.shape[-1] == 0:
         raise ValueError(f"briers must have shape (..., n) with n >= 1, got {tuple(briers.shape)}")
-    n = briers.shape[-1]
     b = briers.to(torch.promote_types(briers.dtype, torch.float32))  # (..., n)
     if bool(((b < -1.0) | (b > 1.0) | b.isnan()).any()):  # one host sync
         raise ValueError(
@@ -578,8 +577,10 @@ class BrierLM:
                 f"state tensors must have shapes count (), sum ({n},), sum_outer ({n}, {n}); got "
                 f"{tuple(count.shape)}, {tuple(total.shape)}, {tuple(outer.shape)}"
             )
-        if count.is_complex() or count.dtype == torch.bool or not bool(
-            count >= 0 and count == torch.floor(count)
+        if (
+            count.is_complex()
+            or count.dtype == torch.bool
+            or not bool(count >= 0 and count == torch.floor(count))
         ):
             raise ValueError(f"state count must be a nonnegative integer, got {state['count']!r}")
         device = self.device

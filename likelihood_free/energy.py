@@ -139,7 +139,7 @@ def _squared_distances(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor
     Column ``j < n`` pairs draw ``i`` with draw ``j``, column ``n + k`` pairs it with target
     ``k``. ``zero_below`` is the rounding error of each entry (see :func:`_safe_power`).
     """
-    n, d = x.shape[0], x.shape[-1]
+    d = x.shape[-1]
     if d <= _DIRECT_MAX_D:
         xs = x.transpose(0, 1).to(dtype)  # (B, n, d)
         z = torch.cat([xs, y.transpose(0, 1).to(dtype)], dim=1)  # (B, n+m, d)

@@ -49,7 +49,6 @@ from collections.abc import Callable
 from numbers import Real
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -370,8 +369,8 @@ def temperature_sample(
     compared with nothing).
 
     All rows run in parallel with whole-batch tensor operations, and every *round* is one
-    sampler call for ``k`` draws of each active row (``k = min(draws_per_round,
-    max_draws_per_call)``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
+    sampler call for ``k`` draws of each active row (``k`` is ``draws_per_round``, never above
+    ``max_draws_per_call``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
     draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; each attempt is
     charged its ``n`` draws even when the first two already differ, as in the CALM paper. When
     ``n > k`` (low ``T``), an attempt spans several calls: it continues into the next call while
@@ -940,8 +939,10 @@ def batched_temperature_sample(
     if not isinstance(return_index, bool):
         raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
     split = candidates.dim() - event_ndim
-    n_cand, batch_shape, event_shape = candidates.shape[0], candidates.shape[1:split], (
-        candidates.shape[split:]
+    n_cand, batch_shape, event_shape = (
+        candidates.shape[0],
+        candidates.shape[1:split],
+        (candidates.shape[split:]),
     )
     if n_cand == 0:
         raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")

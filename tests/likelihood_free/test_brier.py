@@ -378,9 +378,7 @@ def test_brier_lm_exact_values_and_clamping():
         ],
         dtype=torch.float64,
     )
-    expected = torch.tensor(
-        [50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 0.0], dtype=torch.float64
-    )
+    expected = torch.tensor([50.0, 100 * 0.0064**0.25, 100.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     out = brier_lm(briers)
     assert out.dtype == torch.float64 and out.shape == (6,)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
@@ -430,7 +428,9 @@ def test_brier_lm_of_small_scores_does_not_underflow():
     # prod(b) ** (1/n) underflows: 1e-48 is below float32's smallest subnormal.
     small = torch.full((4,), 1e-12)
     torch.testing.assert_close(brier_lm(small), torch.tensor(1e-10))
-    torch.testing.assert_close(brier_lm(small.to(torch.bfloat16)).float(), torch.tensor(1e-10), rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        brier_lm(small.to(torch.bfloat16)).float(), torch.tensor(1e-10), rtol=1e-2, atol=0
+    )
     metric = BrierLM(max_order=40)  # 40 means of 1e-9: a float64 product of 1e-360
     metric.update(torch.full((3, 40), 1e-9, dtype=torch.float64))
     assert metric.compute().brier_lm == pytest.approx(1e-7, rel=1e-9)

@@ -270,7 +270,6 @@ def test_float64_wins_mixed_dtypes() -> None:
     assert energy_score(samples.double(), targets.float()).dtype == torch.float64
 
 
-
 def _autocast_case(d: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(11 + d)
     samples = torch.randn(8, 64, d, generator=g).to(device)
