@@ -938,12 +938,9 @@ def batched_temperature_sample(
     _check_generator(generator)
     if not isinstance(return_index, bool):
         raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
-    split = candidates.dim() - event_ndim
-    n_cand, batch_shape, event_shape = (
-        candidates.shape[0],
-        candidates.shape[1:split],
-        (candidates.shape[split:]),
-    )
+    split = candidates.dim() - event_ndim  # candidates: (N, *batch | *event), event from split
+    n_cand = candidates.shape[0]
+    batch_shape, event_shape = candidates.shape[1:split], candidates.shape[split:]
     if n_cand == 0:
         raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")
     dev = candidates.device
