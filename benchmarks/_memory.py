@@ -173,8 +173,7 @@ def measure_in_subprocess(
         killed = proc.returncode < 0
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
         return MemoryReport(
-            "oom" if killed else "error",
-            message=f"child exited with code {proc.returncode}: {tail[0][:300]}",
+            "oom" if killed else "error", message=f"child exited with code {proc.returncode}: {tail[0][:300]}"
         )
     return MemoryReport(**json.loads(lines[-1]))
 

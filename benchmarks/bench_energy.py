@@ -38,12 +38,7 @@ if str(_ROOT) not in sys.path:  # standalone run: make the project importable
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from _memory import (  # noqa: E402
-    MemoryReport,
-    available_memory_bytes,
-    measure_cuda,
-    measure_in_subprocess,
-)
+from _memory import MemoryReport, available_memory_bytes, measure_cuda, measure_in_subprocess  # noqa: E402
 
 from likelihood_free.energy import energy_loss  # noqa: E402
 
@@ -124,9 +119,7 @@ if pytest is not None:
     @pytest.mark.parametrize("impl", IMPLS)
     def test_energy_loss_forward_backward(benchmark, impl: str, vectors: int) -> None:
         torch.set_num_threads(THREADS)
-        benchmark.group = (
-            f"energy loss fwd+bwd, n={N_SAMPLES} m={N_TARGETS} d={DIM}, {vectors} vectors"
-        )
+        benchmark.group = f"energy loss fwd+bwd, n={N_SAMPLES} m={N_TARGETS} d={DIM}, {vectors} vectors"
         memory = measure_memory(impl, vectors)
         info = {
             "impl": impl,
@@ -238,9 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {note}"
         )
     for vectors in args.vectors:
-        fast, slow = (
-            next(r for r in rows if r["impl"] == i and r["vectors"] == vectors) for i in IMPLS
-        )
+        fast, slow = (next(r for r in rows if r["impl"] == i and r["vectors"] == vectors) for i in IMPLS)
         if fast["median_s"] and slow["median_s"]:
             print(
                 f"{vectors} vectors: energy_loss is {slow['median_s'] / fast['median_s']:.1f}x "

@@ -44,9 +44,7 @@ def _sync() -> None:
 def _calm(k: int, backbone: BackboneConfig = BACKBONE) -> CALM:
     torch.manual_seed(0)
     ae = Autoencoder(
-        AutoencoderConfig(
-            vocab_size=VOCAB, chunk_size=k, latent_size=128, hidden_size=256, intermediate_size=640
-        )
+        AutoencoderConfig(vocab_size=VOCAB, chunk_size=k, latent_size=128, hidden_size=256, intermediate_size=640)
     )
     head = HeadConfig(hidden_size=backbone.hidden_size, num_blocks=2)
     return CALM(CALMConfig(backbone=backbone, head=head), ae).to(DEVICE).eval()
@@ -87,9 +85,7 @@ def test_baseline_brier_eval(benchmark, method, batch):
         rounds=3 if method == "batched" else 1,
     )
     positions = batch * (EVAL_LEN - 4)
-    benchmark.extra_info.update(
-        method=method, batch=batch, positions_per_s=positions / benchmark.stats.stats.median
-    )
+    benchmark.extra_info.update(method=method, batch=batch, positions_per_s=positions / benchmark.stats.stats.median)
 
 
 def test_calm_brier_eval(benchmark):
@@ -132,9 +128,7 @@ def test_generation_throughput_t1(benchmark, model_kind, batch):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=1.0, generator=gen))
     benchmark.extra_info.update(
-        model=model_kind,
-        batch=batch,
-        tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median,
+        model=model_kind, batch=batch, tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median
     )
 
 
@@ -150,10 +144,7 @@ def test_generation_throughput_t1_wider_backbone(benchmark, model_kind):
     benchmark.group = "generation at batch 1, T = 1, backbone 512 x 8"
     _run(benchmark, lambda: model.generate(prompts, NEW_TOKENS, temperature=1.0, generator=gen))
     benchmark.extra_info.update(
-        model=model_kind,
-        batch=1,
-        backbone="512x8",
-        tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median,
+        model=model_kind, batch=1, backbone="512x8", tokens_per_s=NEW_TOKENS / benchmark.stats.stats.median
     )
 
 
@@ -166,13 +157,7 @@ def test_generation_throughput_t05(benchmark, sampler):
     _run(
         benchmark,
         lambda: model.generate(
-            prompts,
-            NEW_TOKENS,
-            temperature=0.5,
-            sampler=sampler,
-            num_candidates=200,
-            max_rounds=50,
-            generator=gen,
+            prompts, NEW_TOKENS, temperature=0.5, sampler=sampler, num_candidates=200, max_rounds=50, generator=gen
         ),
         rounds=2,
     )
@@ -203,25 +188,13 @@ def test_generation_throughput_t05(benchmark, sampler):
 
 @pytest.mark.parametrize(
     "head_type,steps",
-    [
-        ("energy", 1),
-        ("flow", 2),
-        ("flow", 8),
-        ("flow", 32),
-        ("diffusion", 10),
-        ("diffusion", 50),
-        ("diffusion", 200),
-    ],
+    [("energy", 1), ("flow", 2), ("flow", 8), ("flow", 32), ("diffusion", 10), ("diffusion", 50), ("diffusion", 200)],
 )
 def test_head_sampling_cost(benchmark, head_type, steps):
     torch.manual_seed(0)
-    cfg = HeadConfig(
-        type=head_type, hidden_size=256, num_blocks=2, flow_steps=steps, diffusion_steps=steps
-    )
+    cfg = HeadConfig(type=head_type, hidden_size=256, num_blocks=2, flow_steps=steps, diffusion_steps=steps)
     head = build_head(cfg, cond_size=256, latent_size=128).to(DEVICE).eval()
     hidden = torch.randn(4096, 256, device=DEVICE)
     with torch.no_grad():
         _run(benchmark, lambda: head.sample(hidden, 1), rounds=3)
-    benchmark.extra_info.update(
-        head=head_type, steps=steps, us_per_vector=1e6 * benchmark.stats.stats.median / 4096
-    )
+    benchmark.extra_info.update(head=head_type, steps=steps, us_per_vector=1e6 * benchmark.stats.stats.median / 4096)

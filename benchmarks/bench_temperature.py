@@ -123,9 +123,7 @@ def test_speedup_at_batch_512():
     """Same run, same inputs: best-of-n times of the batched sampler and both Counter loops."""
     cands = make_candidates(512)
     gen = torch.Generator().manual_seed(2)
-    fast = best_time(
-        lambda: batched_temperature_sample(cands, 0.5, event_ndim=1, generator=gen), 50
-    )
+    fast = best_time(lambda: batched_temperature_sample(cands, 0.5, event_ndim=1, generator=gen), 50)
     reference = best_time(lambda: counter_per_row(cands, 2), 5)
     lists = best_time(lambda: counter_per_row_lists(cands, 2), 5)
     print(
@@ -163,9 +161,7 @@ def test_exact_sampler_throughput(benchmark, temperature):
 
     def run():
         sampler = CheapSampler(batch)
-        out = temperature_sample(
-            sampler, temperature, pass_rows=True, batch_size=batch, generator=gen
-        )
+        out = temperature_sample(sampler, temperature, pass_rows=True, batch_size=batch, generator=gen)
         return out, sampler.calls
 
     (out, calls) = benchmark.pedantic(run, rounds=5, iterations=1)

@@ -147,9 +147,7 @@ def model_config(spec: Spec, args, tokenizer: Path, ae_dir: Path | None):
         cfg.baseline = BACKBONES[spec.size]
     else:
         cfg.autoencoder_path = str(ae_dir)
-        cfg.calm = replace(
-            cfg.calm, backbone=BACKBONES[spec.size], head=replace(cfg.calm.head, type=spec.head)
-        )
+        cfg.calm = replace(cfg.calm, backbone=BACKBONES[spec.size], head=replace(cfg.calm.head, type=spec.head))
     return cfg
 
 
@@ -174,9 +172,7 @@ def budget_steps(budget: float, train_flops: float) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def eval_blocks(
-    tokenizer: TextTokenizer, held_out, files: list[Path], max_blocks: int
-) -> dict[str, torch.Tensor]:
+def eval_blocks(tokenizer: TextTokenizer, held_out, files: list[Path], max_blocks: int) -> dict[str, torch.Tensor]:
     """``{name: (blocks, BLOCK_LEN) tokens}``: the first ``max_blocks`` blocks of each source.
 
     The first source is the held-out tail of the training stream (``held_out``, a token array),
@@ -200,9 +196,7 @@ def brier_lm_of(model, blocks: torch.Tensor, seed: int, batch: int = 16) -> dict
     return evaluate_brier_lm(model, batches, stride=8, generator=gen).to_dict()
 
 
-def evaluate_run(
-    run_dir: Path, meta: dict, blocks: dict[str, torch.Tensor], args, curve_file: str
-) -> dict:
+def evaluate_run(run_dir: Path, meta: dict, blocks: dict[str, torch.Tensor], args, curve_file: str) -> dict:
     """BrierLM at every checkpoint on ``curve_file`` and at the last one on every source.
 
     ``meta`` holds the run's training FLOPs per token (and its autoencoder's training FLOPs).
@@ -295,9 +289,7 @@ def run_experiment(args) -> dict:
         accuracy = {}
         for name, source in blocks.items():
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            table = robustness_table(
-                model, [b.to(device) for b in source.split(64)], sigmas=(0.0, 0.3), generator=gen
-            )
+            table = robustness_table(model, [b.to(device) for b in source.split(64)], sigmas=(0.0, 0.3), generator=gen)
             accuracy[name] = {str(sigma): acc for sigma, acc in table.items()}
         ae_results[k] = {**ae_meta[k], "accuracy": accuracy}
 
@@ -383,9 +375,7 @@ def render(results: dict, out: Path, machine: str, command: str) -> str:
     for entry in runs.values():
         fl = entry["flops"]
         tokens = entry["curve"][-1]["tokens"] if entry["curve"] else 0
-        cells = [
-            _pm(entry["final"][n]["brier_lm"], entry["final"][n]["brier_lm_se"]) for n in eval_names
-        ]
+        cells = [_pm(entry["final"][n]["brier_lm"], entry["final"][n]["brier_lm_se"]) for n in eval_names]
         lines.append(
             f"| {_label(entry)} | {fl['params'] / 1e6:.2f}M | {fl['train'] / 1e6:.1f}M | "
             f"{fl['inference'] / 1e6:.2f}M | {tokens / 1e6:.2f}M | {fl['time_s'] / 60:.1f} min | "
@@ -402,9 +392,7 @@ def render(results: dict, out: Path, machine: str, command: str) -> str:
     for entry in runs.values():
         f = entry["final"][HELD_OUT]
         lines.append(
-            f"| {_label(entry)} | "
-            + " | ".join(_pm(f[f"brier{j}"], f[f"brier{j}_se"], 4) for j in range(1, 5))
-            + " |"
+            f"| {_label(entry)} | " + " | ".join(_pm(f[f"brier{j}"], f[f"brier{j}_se"], 4) for j in range(1, 5)) + " |"
         )
     lines += [
         "",
@@ -416,9 +404,7 @@ def render(results: dict, out: Path, machine: str, command: str) -> str:
     for k, ae in results["autoencoders"].items():
         acc = ae["accuracy"]
         cells = [f"{100 * acc[n]['0.0']:.2f}% / {100 * acc[n]['0.3']:.2f}%" for n in eval_names]
-        lines.append(
-            f"| {k} | {32 * int(k)} | {ae['train_flops']:.2e} | " + " | ".join(cells) + " |"
-        )
+        lines.append(f"| {k} | {32 * int(k)} | {ae['train_flops']:.2e} | " + " | ".join(cells) + " |")
     if "throughput" in results:
         lines += [
             "",
@@ -429,10 +415,7 @@ def render(results: dict, out: Path, machine: str, command: str) -> str:
         ]
         for r in results["throughput"]:
             name = Path(r["run"]).name
-            lines.append(
-                f"| {name} | {r['batch']} | {r['temperature']} | {r['sampler']} | "
-                f"{r['tokens_per_s']:.0f} |"
-            )
+            lines.append(f"| {name} | {r['batch']} | {r['temperature']} | {r['sampler']} | {r['tokens_per_s']:.0f} |")
     lines += [
         "",
         "![BrierLM against training FLOPs](brier_vs_train_flops.png)",
@@ -498,10 +481,7 @@ def _machine(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"1x {torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}"
-    )
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,29 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN)
     parser.add_argument("--eval", type=Path, nargs="+", default=DEFAULT_EVAL)
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
-    parser.add_argument(
-        "--budget", type=float, default=3e13, help="training FLOPs per language model at --scale 1"
-    )
+    parser.add_argument("--budget", type=float, default=3e13, help="training FLOPs per language model at --scale 1")
     parser.add_argument("--ae-steps", type=int, default=500, help="autoencoder steps at --scale 1")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies budget and AE steps")
-    parser.add_argument(
-        "--eval-blocks", type=int, default=256, help="blocks of 128 tokens per file"
-    )
+    parser.add_argument("--eval-blocks", type=int, default=256, help="blocks of 128 tokens per file")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="run names (see experiment_specs)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="only re-render results.md and the plots from --out/results.json",
+        "--report-only", action="store_true", help="only re-render results.md and the plots from --out/results.json"
     )
     parser.add_argument(
-        "--docs",
-        type=Path,
-        default=None,
-        help="also write results.md and the plots into this directory",
+        "--docs", type=Path, default=None, help="also write results.md and the plots into this directory"
     )
     args = parser.parse_args(argv)
     if args.report_only:
@@ -543,9 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for path in [args.train, *args.eval]:
             if not path.exists():
-                print(
-                    f"error: {path}: no such file (see ../shared/data/README.md)", file=sys.stderr
-                )
+                print(f"error: {path}: no such file (see ../shared/data/README.md)", file=sys.stderr)
                 return 2
         results = run_experiment(args)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]

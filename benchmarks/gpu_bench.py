@@ -37,11 +37,13 @@ def _models(tiny: bool) -> dict[str, torch.nn.Module]:
     cfg = preset("m", "calm")
     if tiny:  # the same code paths at a size a CPU runs in seconds
         backbone = BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, max_seq_len=512)
-        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=512, hidden_size=64,
-                                               latent_size=16),
-                      calm=replace(cfg.calm, backbone=backbone,
-                                   head=HeadConfig(hidden_size=64, num_blocks=1)),
-                      baseline=backbone, autoencoder_path="-")
+        cfg = replace(
+            cfg,
+            autoencoder=replace(cfg.autoencoder, vocab_size=512, hidden_size=64, latent_size=16),
+            calm=replace(cfg.calm, backbone=backbone, head=HeadConfig(hidden_size=64, num_blocks=1)),
+            baseline=backbone,
+            autoencoder_path="-",
+        )
     calm = build_model(cfg, cfg.autoencoder.vocab_size)
     ar = build_model(replace(cfg, stage="ar"), cfg.autoencoder.vocab_size)
     return {"calm": calm, "ar": ar}
@@ -52,8 +54,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_speed(model, device, block_len: int, batch: int, steps: int, compile_: bool,
-                peak: float) -> dict:
+def train_speed(model, device, block_len: int, batch: int, steps: int, compile_: bool, peak: float) -> dict:
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -77,10 +78,12 @@ def train_speed(model, device, block_len: int, batch: int, steps: int, compile_:
     seconds = (time.perf_counter() - start) / steps
     tok_s = batch * block_len / seconds
     flops = model.flops_per_token(block_len)["train"]
-    return {"tokens_per_s": tok_s, "train_flops_per_token": flops,
-            "mfu": tok_s * flops / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else None}
+    return {
+        "tokens_per_s": tok_s,
+        "train_flops_per_token": flops,
+        "mfu": tok_s * flops / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
 
 
 @torch.no_grad()
@@ -100,8 +103,9 @@ def generation_speed(model, device, batch: int, new_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="peak dense bf16 TFLOP/s of the device (H100/H200 SXM: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s of the device (H100/H200 SXM: 989)"
+    )
     parser.add_argument("--block-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -115,17 +119,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = []
     for name, model in _models(args.tiny).items():
-        params = sum(p.numel() for n, p in model.named_parameters()
-                     if not n.startswith("autoencoder."))
+        params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("autoencoder."))
         for compile_ in (False,) if args.no_compile else (False, True):
-            row = {"model": name, "params_m": params / 1e6, "what": "train", "compile": compile_,
-                   **train_speed(model, device, args.block_len, args.batch, args.steps, compile_,
-                                 args.peak_tflops * 1e12 if device.type == "cuda" else 0.0)}
+            row = {
+                "model": name,
+                "params_m": params / 1e6,
+                "what": "train",
+                "compile": compile_,
+                **train_speed(
+                    model,
+                    device,
+                    args.block_len,
+                    args.batch,
+                    args.steps,
+                    compile_,
+                    args.peak_tflops * 1e12 if device.type == "cuda" else 0.0,
+                ),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         for batch in (1, 32):
-            row = {"model": name, "what": f"generate batch {batch}",
-                   **generation_speed(model, device, batch, 16 if args.tiny else 128)}
+            row = {
+                "model": name,
+                "what": f"generate batch {batch}",
+                **generation_speed(model, device, batch, 16 if args.tiny else 128),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         model.cpu()

@@ -45,8 +45,11 @@ def render(paths: list[Path]) -> str:
         lines.append("| benchmark | median | details |")
         lines.append("|---|---|---|")
         for bench in data.get("benchmarks", []):
-            extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in bench.get("extra_info", {}).items()
-                              if k not in _SKIP and not isinstance(v, dict))  # nested: raw data
+            extra = ", ".join(
+                f"{k}={_fmt_value(v)}"
+                for k, v in bench.get("extra_info", {}).items()
+                if k not in _SKIP and not isinstance(v, dict)
+            )  # nested: raw data
             lines.append(f"| `{bench['name']}` | {_fmt_time(bench['stats']['median'])} | {extra} |")
         lines.append("")
     return "\n".join(lines)

@@ -50,12 +50,7 @@ def measure(run: str, batches: list[int], new_tokens: int, device: str = "auto")
         prompts = valid.get_batch(torch.arange(batch) % len(valid))[:, :32].to(dev)
         for temperature, sampler in settings:
             gen = torch.Generator(device=dev).manual_seed(0)
-            kwargs = {
-                "temperature": temperature,
-                "generator": gen,
-                "sampler": sampler,
-                "num_candidates": 200,
-            }
+            kwargs = {"temperature": temperature, "generator": gen, "sampler": sampler, "num_candidates": 200}
             seconds = _time(lambda kw=kwargs, p=prompts: model.generate(p, new_tokens, **kw))
             row = {
                 "run": run,
@@ -90,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for run in args.runs for r in measure(run, args.batch, args.tokens, args.device)]
     print("\n| run | batch | T | sampler | tokens/s |\n|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['run']} | {r['batch']} | {r['temperature']} | {r['sampler']} | "
-            f"{r['tokens_per_s']:.1f} |"
-        )
+        print(f"| {r['run']} | {r['batch']} | {r['temperature']} | {r['sampler']} | {r['tokens_per_s']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -69,11 +69,7 @@ pygments_dark_style = "monokai"
 
 # -- autodoc, napoleon, type hints --------------------------------------------------------------
 
-autodoc_default_options = {
-    "members": True,
-    "member-order": "bysource",
-    "show-inheritance": True,
-}
+autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": True}
 autodoc_class_signature = "mixed"
 autodoc_preserve_defaults = True
 autodoc_typehints_format = "short"
@@ -113,9 +109,7 @@ intersphinx_timeout = 10
 
 # -- doctest: the guides' code ------------------------------------------------------------------
 
-doctest_default_flags = (
-    doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
-)
+doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
 doctest_test_doctest_blocks = ""  # docstring examples run in tests/test_docs.py (doctest.testmod)
 doctest_global_setup = f"""
 import os

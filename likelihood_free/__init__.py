@@ -1,7 +1,7 @@
 """Likelihood-free scoring and sampling: energy score, Brier/BrierLM, black-box temperature.
 
-A small toolkit that depends only on ``torch``, ``numpy`` and ``scipy`` and knows nothing about
-language models:
+A small toolkit that imports only ``torch`` and ``numpy`` and knows nothing about language
+models:
 
 * :mod:`likelihood_free.energy` -- the energy score of a sampler against targets and the matching
   training loss (strictly proper for ``beta`` in ``(0, 2)``).
@@ -40,4 +40,4 @@ __all__ = [
     "TemperatureFallbackWarning",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

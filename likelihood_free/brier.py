@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -56,9 +57,17 @@ def _default_atol(dtype: torch.dtype) -> float:
     return max(1e-4, 2.0 * torch.finfo(dtype).eps)
 
 
-def brier_score(
-    probs: Tensor, target: Tensor, *, validate: bool = True, atol: float | None = None
-) -> Tensor:
+def _check_atol(atol: object) -> float | None:
+    if atol is None:
+        return None
+    if isinstance(atol, bool) or not isinstance(atol, Real):
+        raise TypeError(f"atol must be a nonnegative finite number or None, got {atol!r}")
+    if not (math.isfinite(atol) and atol >= 0):  # also refuses nan
+        raise ValueError(f"atol must be a nonnegative finite number or None, got {atol!r}")
+    return float(atol)
+
+
+def brier_score(probs: Tensor, target: Tensor, *, validate: bool = True, atol: float | None = None) -> Tensor:
     """Exact Brier score ``2 P(y) - sum_x P(x)^2`` from predicted probabilities.
 
     The positively oriented (higher is better) multi-class Brier score::
@@ -75,15 +84,18 @@ def brier_score(
             ``-atol``) and sums to 1 (within ``atol``) and that ``target`` is in range; this costs
             one host synchronisation. Pass False in hot paths: nothing is checked on the host
             and positions whose target is out of range return NaN.
-        atol: Tolerance of the probability checks; default ``max(1e-4, 2 * eps(probs.dtype))``.
+        atol: Tolerance of the probability checks, a nonnegative finite number; default
+            ``max(1e-4, 2 * eps(probs.dtype))``.
 
     Returns:
         Tensor of shape ``(...)`` with the dtype of ``probs``.
 
     Raises:
-        TypeError: If ``probs`` is not floating or ``target`` is not an integer tensor.
-        ValueError: If the shapes or devices do not match, ``V == 0``, or (with ``validate``)
-            the probabilities are not a distribution or a target is out of range.
+        TypeError: If ``probs`` is not floating, ``target`` is not an integer tensor or
+            ``atol`` is not a number.
+        ValueError: If the shapes or devices do not match, ``V == 0``, ``atol`` is negative or
+            not finite, or (with ``validate``) the probabilities are not a distribution or a
+            target is out of range.
 
     Example:
         >>> import torch
@@ -93,6 +105,7 @@ def brier_score(
     """
     _require_tensor(probs, "probs")
     _require_tensor(target, "target")
+    atol = _check_atol(atol)
     if not probs.is_floating_point():
         raise TypeError(f"probs must have a floating dtype, got {probs.dtype}")
     if not _is_integer_like(target) or target.dtype == torch.bool:
@@ -106,22 +119,15 @@ def brier_score(
             f"{tuple(target.shape)}"
         )
     if probs.device != target.device:
-        raise ValueError(
-            f"probs and target must be on the same device, got {probs.device} and {target.device}"
-        )
+        raise ValueError(f"probs and target must be on the same device, got {probs.device} and {target.device}")
     vocab = probs.shape[-1]
     p = probs.to(torch.promote_types(probs.dtype, torch.float32))  # (..., V)
     in_range = (target >= 0) & (target < vocab)  # (...)
 
     if validate:
-        tol = _default_atol(probs.dtype) if atol is None else float(atol)
+        tol = _default_atol(probs.dtype) if atol is None else atol
         bad = torch.stack(
-            [
-                (~torch.isfinite(p)).any(),
-                (p < -tol).any(),
-                ((p.sum(-1) - 1.0).abs() > tol).any(),
-                (~in_range).any(),
-            ]
+            [(~torch.isfinite(p)).any(), (p < -tol).any(), ((p.sum(-1) - 1.0).abs() > tol).any(), (~in_range).any()]
         ).tolist()  # one host sync
         if bad[0]:
             raise ValueError("probs contains NaN or infinite values")
@@ -192,8 +198,7 @@ def brier_estimate(x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
         )
     if not (x1.device == x2.device == target.device):
         raise ValueError(
-            "x1, x2 and target must be on the same device, got "
-            f"{x1.device}, {x2.device} and {target.device}"
+            f"x1, x2 and target must be on the same device, got {x1.device}, {x2.device} and {target.device}"
         )
     dtype = torch.get_default_dtype()
     hit1 = torch.cumprod((x1 == target).to(dtype), dim=-1)  # (..., n) prefix of x1 matches y
@@ -202,24 +207,30 @@ def brier_estimate(x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
     return hit1 + hit2 - collide
 
 
-def brier_lm(briers: Tensor) -> Tensor:
+def brier_lm(briers: Tensor | Any) -> Tensor:
     """BrierLM: 100 times the geometric mean of Brier-1 .. Brier-n.
 
-    ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis. Brier scores can be
-    negative (a confident wrong model), where the geometric mean is undefined; as in CALM the
+    ``BrierLM = 100 * (prod_j max(b_j, 0)) ** (1/n)`` over the last axis, computed as
+    ``100 * exp(mean_j log max(b_j, 0))`` so that small scores do not underflow. Brier scores can
+    be negative (a confident wrong model), where the geometric mean is undefined; as in CALM the
     result is then 0. Each factor is clamped, not just the product, so that an even number of
     negative scores cannot multiply into a positive BrierLM. The paper's BrierLM uses ``n = 4``.
 
     Args:
-        briers: Brier scores, shape ``(..., n)`` with ``n >= 1``, floating dtype (computed in at
-            least fp32).
+        briers: Brier scores in ``[-1, 1]``, shape ``(..., n)`` with ``n >= 1``: a floating
+            tensor, or any array-like of numbers (list, tuple, NumPy array), converted with
+            :func:`torch.as_tensor` (integers to the default float dtype). Computed in at least
+            fp32. Checking the range costs one host synchronisation.
 
     Returns:
-        Tensor of shape ``(...)`` with the dtype of ``briers``.
+        Tensor of shape ``(...)`` with the dtype of ``briers`` (of the converted tensor for an
+        array-like, e.g. float64 for a float64 NumPy array).
 
     Raises:
-        TypeError: If ``briers`` is not a floating tensor.
-        ValueError: If ``briers`` has no last axis or ``n == 0``.
+        TypeError: If ``briers`` is an integer, bool or complex tensor, or cannot be converted
+            to a real tensor.
+        ValueError: If ``briers`` has no last axis or ``n == 0``, or holds a value outside
+            ``[-1, 1]`` (where no Brier score lies) or NaN.
 
     Example:
         >>> import torch
@@ -228,16 +239,35 @@ def brier_lm(briers: Tensor) -> Tensor:
         tensor([50.0000, 28.2843,  0.0000])
         >>> brier_lm(torch.tensor([-0.5, -0.5, 0.5, 0.5]))  # not 50: two negatives stay 0
         tensor(0.)
+        >>> brier_lm([0.8, 0.4, 0.2, 0.1])  # any array-like
+        tensor(28.2843)
     """
-    _require_tensor(briers, "briers")
+    if not isinstance(briers, Tensor):
+        try:
+            converted = torch.as_tensor(briers)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"briers must be a floating tensor or an array-like of numbers, got {type(briers).__name__}"
+            ) from err
+        if converted.dtype == torch.bool or converted.is_complex():
+            raise TypeError(f"briers must hold real numbers, got {converted.dtype}")
+        if not converted.is_floating_point():
+            converted = converted.to(torch.get_default_dtype())
+        briers = converted
     if not briers.is_floating_point():
         raise TypeError(f"briers must have a floating dtype, got {briers.dtype}")
     if briers.ndim < 1 or briers.shape[-1] == 0:
         raise ValueError(f"briers must have shape (..., n) with n >= 1, got {tuple(briers.shape)}")
-    n = briers.shape[-1]
     b = briers.to(torch.promote_types(briers.dtype, torch.float32))  # (..., n)
-    prod = b.clamp(min=0.0).prod(dim=-1)  # (...)
-    return (100.0 * prod.pow(1.0 / n)).to(briers.dtype)
+    if bool(((b < -1.0) | (b > 1.0) | b.isnan()).any()):  # one host sync
+        raise ValueError(
+            "briers must hold Brier scores, which lie in [-1, 1]; got values outside [-1, 1] or "
+            "NaN (pass the scores, not BrierLM values or percentages)"
+        )
+    # exp(mean(log b)) rather than prod(b) ** (1/n): the product of n small scores underflows
+    # (four scores of 1e-12 gave 0 in float32); log(0) = -inf gives exactly 0 for clamped ones
+    mean_log = b.clamp(min=0.0).log().mean(dim=-1)  # (...)
+    return (100.0 * mean_log.exp()).to(briers.dtype)
 
 
 @dataclass(frozen=True)
@@ -374,10 +404,7 @@ class BrierLM:
         if estimates.is_complex() or estimates.dtype == torch.bool:
             raise TypeError(f"estimates must have a real numeric dtype, got {estimates.dtype}")
         if estimates.ndim < 1 or estimates.shape[-1] != self._n:
-            raise ValueError(
-                f"estimates must have shape (..., max_order={self._n}), got "
-                f"{tuple(estimates.shape)}"
-            )
+            raise ValueError(f"estimates must have shape (..., max_order={self._n}), got {tuple(estimates.shape)}")
         e = estimates.reshape(-1, self._n).to(torch.float64)  # (N, n)
         if mask is not None:
             _require_tensor(mask, "mask")
@@ -389,10 +416,7 @@ class BrierLM:
                     f"last axis), got {tuple(mask.shape)}"
                 )
             if mask.device != estimates.device:
-                raise ValueError(
-                    f"mask must be on the device of estimates ({estimates.device}), "
-                    f"got {mask.device}"
-                )
+                raise ValueError(f"mask must be on the device of estimates ({estimates.device}), got {mask.device}")
             keep = mask.reshape(-1, 1)  # (N, 1)
             e = torch.where(keep, e, torch.zeros((), dtype=e.dtype, device=e.device))
             added: Tensor | int = keep.sum()
@@ -415,9 +439,7 @@ class BrierLM:
             backend = str(dist.get_backend(group))
             if backend == "nccl":
                 device = (
-                    packed.device
-                    if packed.device.type == "cuda"
-                    else torch.device("cuda", torch.cuda.current_device())
+                    packed.device if packed.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
                 )
             elif backend == "gloo":
                 device = torch.device("cpu")
@@ -442,13 +464,16 @@ class BrierLM:
         if count == 0:
             return BrierLMResult((nan,) * n, (nan,) * n, nan, nan, 0)
         mean = total / count  # (n,)
-        prod = float(np.prod(np.clip(mean, 0.0, None)))  # any nonpositive Brier-j gives 0
-        lm = 100.0 * prod ** (1.0 / n) if math.isfinite(prod) else nan
+        positive = bool(np.all(mean > 0))  # any nonpositive Brier-j gives BrierLM 0
+        if not np.all(np.isfinite(mean)):
+            lm = nan
+        else:  # geometric mean in log space: a product of small means would underflow
+            lm = 100.0 * math.exp(float(np.mean(np.log(mean)))) if positive else 0.0
         if count >= 2:
             cov = (outer - count * np.outer(mean, mean)) / (count - 1.0)  # (n, n)
             cov = 0.5 * (cov + cov.T)
             se = np.sqrt(np.clip(np.diag(cov), 0.0, None) / count)
-            if prod > 0:
+            if positive and lm > 0:
                 grad = lm / (n * mean)  # (n,) dBrierLM / db_j
                 lm_se = math.sqrt(max(float(grad @ cov @ grad), 0.0) / count)
             else:
@@ -481,9 +506,7 @@ class BrierLM:
         if not isinstance(other, BrierLM):
             raise TypeError(f"other must be a BrierLM, got {type(other).__name__}")
         if other.max_order != self._n:
-            raise ValueError(
-                f"cannot merge BrierLM with max_order={other.max_order} into max_order={self._n}"
-            )
+            raise ValueError(f"cannot merge BrierLM with max_order={other.max_order} into max_order={self._n}")
         device = self.device
         count = other._count.to(device)
         total = other._sum.to(device)
@@ -513,16 +536,15 @@ class BrierLM:
             state: Dict with keys ``max_order``, ``count``, ``sum``, ``sum_outer``.
 
         Raises:
-            ValueError: If keys are missing or ``max_order`` / shapes do not match.
+            ValueError: If keys are missing, ``max_order`` / shapes do not match or ``count`` is
+                not a nonnegative integer.
         """
         expected = {"max_order", "count", "sum", "sum_outer"}
         if not isinstance(state, dict) or set(state) != expected:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state must be a dict with keys {sorted(expected)}, got {got}")
         if state["max_order"] != self._n:
-            raise ValueError(
-                f"state has max_order={state['max_order']}, this metric has max_order={self._n}"
-            )
+            raise ValueError(f"state has max_order={state['max_order']}, this metric has max_order={self._n}")
         n = self._n
         count = torch.as_tensor(state["count"])
         total = torch.as_tensor(state["sum"])
@@ -532,6 +554,8 @@ class BrierLM:
                 f"state tensors must have shapes count (), sum ({n},), sum_outer ({n}, {n}); got "
                 f"{tuple(count.shape)}, {tuple(total.shape)}, {tuple(outer.shape)}"
             )
+        if count.is_complex() or count.dtype == torch.bool or not bool(count >= 0 and count == torch.floor(count)):
+            raise ValueError(f"state count must be a nonnegative integer, got {state['count']!r}")
         device = self.device
         self._count = count.to(device=device, dtype=torch.int64, copy=True)
         self._sum = total.to(device=device, dtype=torch.float64, copy=True)

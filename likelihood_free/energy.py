@@ -53,8 +53,7 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
             raise TypeError(
-                f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
-                f"float64), got {value.dtype}"
+                f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
             )
     if samples.dim() < 2:
         raise ValueError(
@@ -69,8 +68,7 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
         )
     if d < 1:
         raise ValueError(
-            f"samples must have a non-empty feature axis d (the last one), "
-            f"got shape {tuple(samples.shape)}"
+            f"samples must have a non-empty feature axis d (the last one), got shape {tuple(samples.shape)}"
         )
     expected = "(m, " + ", ".join(str(size) for size in samples.shape[1:]) + ")"
     if targets.dim() != samples.dim() or targets.shape[1:] != samples.shape[1:]:
@@ -83,9 +81,7 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
             f"{tuple(targets.shape)}{hint}"
         )
     if targets.shape[0] < 1:
-        raise ValueError(
-            f"targets must hold m >= 1 draws along axis 0, got shape {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets must hold m >= 1 draws along axis 0, got shape {tuple(targets.shape)}")
     if samples.device != targets.device:
         raise ValueError(
             f"samples and targets must be on the same device, got samples on {samples.device} "
@@ -139,7 +135,7 @@ def _squared_distances(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor
     Column ``j < n`` pairs draw ``i`` with draw ``j``, column ``n + k`` pairs it with target
     ``k``. ``zero_below`` is the rounding error of each entry (see :func:`_safe_power`).
     """
-    n, d = x.shape[0], x.shape[-1]
+    d = x.shape[-1]
     if d <= _DIRECT_MAX_D:
         xs = x.transpose(0, 1).to(dtype)  # (B, n, d)
         z = torch.cat([xs, y.transpose(0, 1).to(dtype)], dim=1)  # (B, n+m, d)
@@ -236,15 +232,11 @@ def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tens
         not_self = ~torch.eye(n, n + m, dtype=torch.bool, device=sq.device)  # excludes i == j
         dist = _safe_power(sq, zero_below, beta, not_self)  # (B, n, n+m), ||.||^beta
         # spread = sum_{i != j} / (n(n-1)) and fit = sum_{i,k} / (nm); score = spread - 2 fit.
-        weights = torch.cat(
-            [dist.new_full((n,), 1.0 / (n * (n - 1))), dist.new_full((m,), -2.0 / (n * m))]
-        )  # (n+m,)
+        weights = torch.cat([dist.new_full((n,), 1.0 / (n * (n - 1))), dist.new_full((m,), -2.0 / (n * m))])  # (n+m,)
         return (dist.sum(dim=1) @ weights).reshape(batch_shape)
 
 
-def energy_loss(
-    samples: Tensor, targets: Tensor, *, beta: float = 1.0, reduction: str = "mean"
-) -> Tensor:
+def energy_loss(samples: Tensor, targets: Tensor, *, beta: float = 1.0, reduction: str = "mean") -> Tensor:
     r"""Energy loss for training: the negated :func:`energy_score`, reduced over the batch.
 
     .. math::
@@ -282,9 +274,7 @@ def energy_loss(
         tensor(4.)
     """
     if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"reduction must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, got {reduction!r}"
-        )
+        raise ValueError(f"reduction must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, got {reduction!r}")
     loss = -energy_score(samples, targets, beta=beta)
     if reduction == "mean":
         return loss.mean()

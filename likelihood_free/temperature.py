@@ -49,7 +49,6 @@ from collections.abc import Callable
 from numbers import Real
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -194,14 +193,10 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 
 def _check_generator(generator: object) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-        )
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _uniform(
-    shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
-) -> Tensor:
+def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Float64 uniforms in [0, 1) on ``device``, drawn on the generator's own device."""
     if generator is None:
         return torch.rand(shape, device=device, dtype=torch.float64)
@@ -214,9 +209,7 @@ def _first_true(mask: Tensor) -> tuple[Tensor, Tensor]:
     return mask.any(dim=0), mask.to(torch.uint8).argmax(dim=0)
 
 
-def _factory_step(
-    flip: Tensor, u: Tensor, step: Tensor | int, alpha: float
-) -> tuple[Tensor, Tensor]:
+def _factory_step(flip: Tensor, u: Tensor, step: Tensor | int, alpha: float) -> tuple[Tensor, Tensor]:
     """One step ``i`` (``step``, 1-based) of the p^alpha factory: ``(accept, reject)`` masks.
 
     Heads accepts; tails rejects with probability ``alpha / i`` (``u < alpha / i``), else the
@@ -303,17 +296,13 @@ def bernoulli_factory_power(
             raise TypeError(f"coin(k) must return a bool tensor of shape (k, batch), got {got}")
         if outcome is None:
             if f.dim() != 2:
-                raise ValueError(
-                    f"coin(k) must return shape (k, batch), got {tuple(f.shape)} for k={k_now}"
-                )
+                raise ValueError(f"coin(k) must return shape (k, batch), got {tuple(f.shape)} for k={k_now}")
             batch = f.shape[1]
             outcome = torch.zeros(batch, dtype=torch.bool, device=f.device)
             flips = torch.zeros(batch, dtype=torch.long, device=f.device)
             done = torch.zeros(batch, dtype=torch.bool, device=f.device)
         if tuple(f.shape) != (k_now, batch):
-            raise ValueError(
-                f"coin(k) must return shape (k, batch) = ({k_now}, {batch}), got {tuple(f.shape)}"
-            )
+            raise ValueError(f"coin(k) must return shape (k, batch) = ({k_now}, {batch}), got {tuple(f.shape)}")
         u = _uniform((k_now, batch), f.device, generator)  # (k, b)
         steps = torch.arange(steps_done + 1, steps_done + k_now + 1, device=f.device)[:, None]
         accept, reject = _factory_step(f, u, steps, alpha)  # (k, b) each
@@ -370,8 +359,8 @@ def temperature_sample(
     compared with nothing).
 
     All rows run in parallel with whole-batch tensor operations, and every *round* is one
-    sampler call for ``k`` draws of each active row (``k = min(draws_per_round,
-    max_draws_per_call)``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
+    sampler call for ``k`` draws of each active row (``k`` is ``draws_per_round``, never above
+    ``max_draws_per_call``). When ``k >= n``, a row in the identical-draws phase splits its ``k``
     draws into ``k // n`` attempts of ``n`` draws and takes the first that passes; each attempt is
     charged its ``n`` draws even when the first two already differ, as in the CALM paper. When
     ``n > k`` (low ``T``), an attempt spans several calls: it continues into the next call while
@@ -450,7 +439,7 @@ def temperature_sample(
         >>> bool((freq - target).abs().max() < 0.03)
         True
         >>> expected = 2 / (probs**2).sum()  # E[draws] = n / Z_T at T = 1/2
-        >>> bool(abs(out.draws.double().mean() - expected) < 0.1)
+        >>> bool(abs(out.draws.double().mean() - expected) < 0.25)  # 5 standard errors
         True
     """
     n, alpha = _split_inverse_temperature(temperature)
@@ -462,19 +451,14 @@ def temperature_sample(
     if batch_size is not None:
         batch_size = _check_int(batch_size, "batch_size", 0)
     elif pass_rows:
-        raise ValueError(
-            "batch_size is required when pass_rows=True (the first call gets "
-            "rows = arange(batch_size))"
-        )
+        raise ValueError("batch_size is required when pass_rows=True (the first call gets rows = arange(batch_size))")
     cap = _check_int(max_draws_per_call, "max_draws_per_call", 1)
     if draws_per_round is None:
         base_k = min(n + (1 if alpha > 0 else 0), cap)
     else:
         base_k = _check_int(draws_per_round, "draws_per_round", 1)
         if base_k < n:
-            raise ValueError(
-                f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}"
-            )
+            raise ValueError(f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}")
         if base_k > cap:
             raise ValueError(
                 f"draws_per_round={base_k} exceeds max_draws_per_call={cap}; raise "
@@ -492,9 +476,7 @@ def temperature_sample(
         # ---- one sampler call: x (k, r, *event)
         if pass_rows:
             if rows is None:
-                first_device = rows_device or (
-                    generator.device if generator is not None else torch.device("cpu")
-                )
+                first_device = rows_device or (generator.device if generator is not None else torch.device("cpu"))
                 call_rows = torch.arange(batch_size, device=first_device)
             else:
                 call_rows = rows if rows_device is None else rows.to(rows_device)
@@ -508,11 +490,7 @@ def temperature_sample(
             expected_batch = None if rows is None else batch
         if not isinstance(x, Tensor):
             raise TypeError(f"{what} must return a tensor, got {type(x).__name__}")
-        if (
-            x.dim() < 2
-            or x.shape[0] != k
-            or (expected_batch is not None and x.shape[1] != expected_batch)
-        ):
+        if x.dim() < 2 or x.shape[0] != k or (expected_batch is not None and x.shape[1] != expected_batch):
             want = "len(rows)" if pass_rows else "batch"
             raise ValueError(
                 f"{what} must return shape (k, {want}, *event) with k={k}"
@@ -594,9 +572,7 @@ def temperature_sample(
         out_samples[rows[done]] = cand[done]
         out_draws[rows[done]] = used[done]
         keep = (~accepted).nonzero().squeeze(1)
-        rows, cand, in_factory, step, used, progress = (
-            t[keep] for t in (rows, cand, in_factory, step, used, progress)
-        )
+        rows, cand, in_factory, step, used, progress = (t[keep] for t in (rows, cand, in_factory, step, used, progress))
         if rows.shape[0] == 0:
             break
 
@@ -605,9 +581,7 @@ def temperature_sample(
         out_samples[rows] = cand
         out_draws[rows] = used
         exhausted[rows] = True
-    result = TemperatureSample(
-        samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted
-    )
+    result = TemperatureSample(samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted)
     if left == 0:
         return result
     budget = (
@@ -939,10 +913,9 @@ def batched_temperature_sample(
     _check_generator(generator)
     if not isinstance(return_index, bool):
         raise TypeError(f"return_index must be a bool, got {type(return_index).__name__}")
-    split = candidates.dim() - event_ndim
-    n_cand, batch_shape, event_shape = candidates.shape[0], candidates.shape[1:split], (
-        candidates.shape[split:]
-    )
+    split = candidates.dim() - event_ndim  # candidates: (N, *batch | *event), event from split
+    n_cand = candidates.shape[0]
+    batch_shape, event_shape = candidates.shape[1:split], candidates.shape[split:]
     if n_cand == 0:
         raise ValueError("candidates must hold at least one draw per row (N >= 1), got N = 0")
     dev = candidates.device

@@ -85,9 +85,7 @@ def _resolve_reexport(app: Sphinx, env: Any, node: nodes.Element, contnode: node
     domain = env.get_domain("py")
     new = node.deepcopy()
     new["reftarget"] = canonical
-    return domain.resolve_xref(
-        env, node.get("refdoc", ""), app.builder, node["reftype"], canonical, new, contnode
-    )
+    return domain.resolve_xref(env, node.get("refdoc", ""), app.builder, node["reftype"], canonical, new, contnode)
 
 
 def _skip_member(app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: Any):
@@ -167,9 +165,7 @@ class GeneratedInclude(SphinxDirective):
             prefix = Path(self.arguments[0]).parent.as_posix() + "/"
             copy = Path(self.env.app.doctreedir) / "generated-include" / md.name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_text(
-                _IMAGE_LINK.sub(rf"\g<1>{prefix}", md.read_text(encoding="utf-8")), encoding="utf-8"
-            )
+            copy.write_text(_IMAGE_LINK.sub(rf"\g<1>{prefix}", md.read_text(encoding="utf-8")), encoding="utf-8")
             source = self.get_source_info()[0]
             relative = os.path.relpath(copy, Path(source).parent)  # "/x" means srcdir/x here
             lines = [f".. include:: {relative}", "   :parser: myst_parser.sphinx_"]
@@ -224,9 +220,7 @@ class Command(SphinxDirective):
         except ValueError as exc:
             raise self.error(str(exc)) from None
         code = f"from calm_docs import run_command\nrun_command({command!r})"
-        test = nodes.comment(
-            code, code, testnodetype="testcode", groups=[self.options.get("group", "default")]
-        )
+        test = nodes.comment(code, code, testnodetype="testcode", groups=[self.options.get("group", "default")])
         test["options"] = {}
         self.set_source_info(test)
         return [shown, test]

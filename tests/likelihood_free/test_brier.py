@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from likelihood_free.brier import BrierLM, BrierLMResult, brier_estimate, brier_lm, brier_score
 
 NUM_PAIRS = 20_000
-Z = 5.0  # Monte Carlo tolerance in standard errors
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -42,20 +41,44 @@ def _sample_ngrams(joint: np.ndarray, vocab: int, order: int, shape: tuple, g) -
 
 def _exact_prefix_briers(joint: np.ndarray, vocab: int, order: int, y) -> np.ndarray:
     """Brier-k of the k-gram marginal of `joint` at prefix y[:k], k = 1..order, by enumeration."""
+    p_y, sum_sq = _prefix_moments(joint, vocab, order, y)
+    return 2.0 * p_y - sum_sq
+
+
+def _prefix_moments(joint: np.ndarray, vocab: int, order: int, y) -> tuple[np.ndarray, np.ndarray]:
+    """``(P_k(y[:k]), sum_x P_k(x)^2)`` of the k-gram marginals, k = 1..order."""
     table = joint.reshape((vocab,) * order)
-    out = []
+    p_y, sum_sq = [], []
     for k in range(1, order + 1):
         marginal = table.sum(axis=tuple(range(k, order)))  # (V,)*k
-        out.append(2.0 * marginal[tuple(y[:k])] - (marginal**2).sum())
-    return np.array(out)
+        p_y.append(marginal[tuple(y[:k])])
+        sum_sq.append((marginal**2).sum())
+    return np.array(p_y), np.array(sum_sq)
 
 
-def _mc_z(est: torch.Tensor, exact) -> np.ndarray:
-    """|MC mean - exact| in units of the sample SE (plus the 1/N resolution of the mean)."""
+def _exact_variance(p_y, sum_sq) -> np.ndarray:
+    """Variance of one estimate ``1{x1=y} + 1{x2=y} - 1{x1=x2}`` from ``P(y)`` and ``sum_x P(x)^2``.
+
+    The three indicators are 0/1, so ``E[est^2] = 2 p + s + 2 E[h1 h2] - 2 E[h1 c] - 2 E[h2 c]``,
+    and ``E[h1 h2] = E[h1 c] = E[h2 c] = p^2`` (each means x1 = x2 = y).
+    """
+    p, s = np.asarray(p_y, dtype=np.float64), np.asarray(sum_sq, dtype=np.float64)
+    return 2 * p + s - 2 * p**2 - (2 * p - s) ** 2
+
+
+def _bernstein_excess(est: torch.Tensor, exact, variance, delta: float = 1e-6) -> np.ndarray:
+    """``|MC mean - exact|`` over the Bernstein bound that it exceeds with probability ``< delta``.
+
+    For ``N`` iid estimates with variance ``v`` and ``|est - E est| <= b = 2`` (values in
+    ``[-1, 1]``), ``P(|mean - E| >= t) <= 2 exp(-N t^2 / (2 v + 2 b t / 3))``; solving for
+    ``t`` at ``delta`` gives the bound. Unlike a z-test with the sample SE it stays valid for rare
+    events (where the sample SE can be 0). Values ``> 1`` are failures.
+    """
     e = est.double().reshape(-1, est.shape[-1]).numpy()  # (N, n)
-    mean = e.mean(axis=0)
-    se = e.std(axis=0, ddof=1) / math.sqrt(e.shape[0])
-    return np.abs(mean - np.asarray(exact)) / (se + 1.0 / (Z * e.shape[0]))
+    num, log_term, b = e.shape[0], math.log(2.0 / delta), 2.0
+    linear = 2.0 * b * log_term / 3.0
+    t = (linear + np.sqrt(linear**2 + 8.0 * num * np.asarray(variance) * log_term)) / (2.0 * num)
+    return np.abs(e.mean(axis=0) - np.asarray(exact)) / t
 
 
 def _naive_estimate(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -68,12 +91,16 @@ def _naive_estimate(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> np.ndarray
     return out
 
 
-def _metric_data(num: int, seed: int, order: int = 4, vocab: int = 3) -> torch.Tensor:
-    """Realistic per-position estimates (num, order): model P, data Q, both random 4-gram laws."""
+def _metric_data(num: int, seed: int, order: int = 4, vocab: int = 3, mismatch: float = 0.5) -> torch.Tensor:
+    """Realistic per-position estimates (num, order): model P, data Q, both random 4-gram laws.
+
+    ``Q = (1 - mismatch) P + mismatch R`` for a random law ``R``; with ``mismatch = 0`` the data
+    follow the model and every Brier-k is ``sum_x P_k(x)^2 > 0``.
+    """
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     model = rng.dirichlet(np.full(vocab**order, 0.3))
-    data = 0.5 * model + 0.5 * rng.dirichlet(np.ones(vocab**order))
+    data = (1 - mismatch) * model + mismatch * rng.dirichlet(np.ones(vocab**order))
     x = _sample_ngrams(model, vocab, order, (2, num), g)
     y = _sample_ngrams(data, vocab, order, (num,), g)
     return brier_estimate(x[0], x[1], y)
@@ -88,10 +115,10 @@ def _reference(est: np.ndarray) -> dict:
     def lm(b):
         return 100.0 * max(np.prod(b), 0.0) ** (1.0 / n)
 
-    h = 1e-6
-    grad = np.array(
-        [(lm(mean + h * np.eye(n)[j]) - lm(mean - h * np.eye(n)[j])) / (2 * h) for j in range(n)]
-    )  # numerical dBrierLM/db
+    # dBrierLM/db by float64 autograd through 100 * exp(mean(log b)): exact up to rounding
+    b = torch.tensor(mean, dtype=torch.float64, requires_grad=True)
+    (100.0 * b.log().mean().exp()).backward()
+    grad = b.grad.numpy()
     return {
         "brier": mean,
         "brier_se": np.sqrt(np.diag(cov) / num),
@@ -162,6 +189,23 @@ def test_brier_score_validation_errors():
         brier_score(torch.tensor([[1.5, -0.5]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="NaN"):
         brier_score(torch.tensor([[math.nan, 1.0]]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("atol", [math.nan, -1e-3, math.inf, -math.inf])
+def test_brier_score_refuses_a_bad_atol(atol):
+    probs = torch.tensor([[0.5, 0.6]])  # sums to 1.1: a nan tolerance would let it through
+    for validate in (True, False):
+        with pytest.raises(ValueError, match="atol must be a nonnegative finite number"):
+            brier_score(probs, torch.tensor([0]), atol=atol, validate=validate)
+
+
+def test_brier_score_atol_type_and_zero():
+    with pytest.raises(TypeError, match="atol"):
+        brier_score(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), atol="1e-3")
+    with pytest.raises(TypeError, match="atol"):
+        brier_score(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), atol=True)
+    exact = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)  # sums to 1 exactly
+    assert brier_score(exact, torch.tensor([0]), atol=0).item() == 0.625
 
 
 def test_brier_score_without_validation():
@@ -264,7 +308,8 @@ def test_brier_estimate_unbiased_unigram(seed, vocab, alpha, target):
     y = torch.full((NUM_PAIRS, 1), target % vocab)
     est = brier_estimate(x[0], x[1], y)  # (N, 1)
     exact = brier_score(torch.from_numpy(probs), torch.tensor(target % vocab))
-    assert _mc_z(est, [exact.item()]).max() <= Z
+    variance = _exact_variance([probs[target % vocab]], [(probs**2).sum()])
+    assert _bernstein_excess(est, [exact.item()], variance).max() <= 1.0
 
 
 @given(
@@ -285,7 +330,8 @@ def test_brier_estimate_unbiased_ngrams(seed, vocab, order, alpha, target_from_m
     x = _sample_ngrams(joint, vocab, order, (2, NUM_PAIRS), g)  # (2, N, n)
     est = brier_estimate(x[0], x[1], torch.from_numpy(y).expand(NUM_PAIRS, order))
     exact = _exact_prefix_briers(joint, vocab, order, y)
-    assert _mc_z(est, exact).max() <= Z
+    variance = _exact_variance(*_prefix_moments(joint, vocab, order, y))
+    assert _bernstein_excess(est, exact, variance).max() <= 1.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -295,15 +341,16 @@ def test_unbiasedness_check_detects_biased_variants(seed):
     joint = rng.dirichlet(np.ones(vocab**order))
     y = rng.integers(0, vocab, order)
     exact = _exact_prefix_briers(joint, vocab, order, y)
+    variance = _exact_variance(*_prefix_moments(joint, vocab, order, y))
     g = torch.Generator().manual_seed(seed)
     x1, x2 = _sample_ngrams(joint, vocab, order, (2, NUM_PAIRS), g)
     yt = torch.from_numpy(y).expand(NUM_PAIRS, order)
-    assert _mc_z(brier_estimate(x1, x2, yt), exact).max() <= Z
+    assert _bernstein_excess(brier_estimate(x1, x2, yt), exact, variance).max() <= 1.0
     # Omitting the collision term estimates 2 P(y) instead: biased by sum P^2.
     hits = brier_estimate(x1, x2, yt) + torch.cumprod((x1 == x2).float(), dim=-1)
-    assert _mc_z(hits, exact).min() > Z
+    assert _bernstein_excess(hits, exact, variance).min() > 1.0
     # Reusing one sample (x2 := x1) estimates 2 P(y) - 1: biased by 1 - sum P^2.
-    assert _mc_z(brier_estimate(x1, x1, yt), exact).min() > Z
+    assert _bernstein_excess(brier_estimate(x1, x1, yt), exact, variance).min() > 1.0
 
 
 # ----------------------------------------------------------------------------- brier_lm
@@ -330,6 +377,51 @@ def test_brier_lm_exact_values_and_clamping():
     assert brier_lm(briers.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_brier_lm_low_precision_by_value(dtype):
+    """bf16/fp16 input: computed in fp32, so within half an ulp of the fp64 value (plus fp32)."""
+    g = torch.Generator().manual_seed(3)
+    briers = (0.05 + 0.9 * torch.rand(4000, 4, generator=g, dtype=torch.float64)).to(dtype)
+    out = brier_lm(briers)
+    assert out.dtype == dtype
+    exact = brier_lm(briers.double())  # fp64 arithmetic on the same rounded inputs
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(exact))  # spacing at exact
+    err = (out.double() - exact).abs()
+    assert bool((err <= 0.5 * ulp + 1e-6 * exact).all()), float((err / ulp).max())
+
+
+@pytest.mark.parametrize("briers", [[1.5, 0.5], [-1.01, 0.5], [math.nan, 0.5], [math.inf, 0.5], [50.0, 40.0]])
+def test_brier_lm_refuses_values_outside_the_brier_range(briers):
+    for value in (torch.tensor(briers), torch.tensor(briers, dtype=torch.float64), briers):
+        with pytest.raises(ValueError, match=r"briers must hold Brier scores.*\[-1, 1\]"):
+            brier_lm(value)
+
+
+def test_brier_lm_accepts_array_likes():
+    expected = torch.tensor(100 * 0.0064**0.25)
+    torch.testing.assert_close(brier_lm([0.8, 0.4, 0.2, 0.1]), expected)
+    torch.testing.assert_close(brier_lm((0.8, 0.4, 0.2, 0.1)), expected)
+    out = brier_lm(np.array([[0.8, 0.4, 0.2, 0.1], [1.0, 1.0, 1.0, 1.0]]))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([100 * 0.0064**0.25, 100.0], dtype=torch.float64))
+    assert brier_lm([1, 0]).item() == 0.0  # integers in range are scores too
+    assert brier_lm(np.float32(0.25)[None]).dtype == torch.float32
+    with pytest.raises(TypeError, match="briers"):
+        brier_lm(["a", "b"])
+    with pytest.raises(TypeError, match="briers"):
+        brier_lm([True, False])
+
+
+def test_brier_lm_of_small_scores_does_not_underflow():
+    # prod(b) ** (1/n) underflows: 1e-48 is below float32's smallest subnormal.
+    small = torch.full((4,), 1e-12)
+    torch.testing.assert_close(brier_lm(small), torch.tensor(1e-10))
+    torch.testing.assert_close(brier_lm(small.to(torch.bfloat16)).float(), torch.tensor(1e-10), rtol=1e-2, atol=0)
+    metric = BrierLM(max_order=40)  # 40 means of 1e-9: a float64 product of 1e-360
+    metric.update(torch.full((3, 40), 1e-9, dtype=torch.float64))
+    assert metric.compute().brier_lm == pytest.approx(1e-7, rel=1e-9)
+
+
 def test_brier_lm_errors():
     with pytest.raises(TypeError, match="briers"):
         brier_lm(torch.tensor([1, 1]))
@@ -343,7 +435,7 @@ def test_brier_lm_errors():
 
 
 def test_metric_matches_numpy_reference():
-    est = _metric_data(3000, seed=0)
+    est = _metric_data(3000, seed=0, mismatch=0.0)  # positive Brier scores: BrierLM has an SE
     metric = BrierLM()
     metric.update(est)
     res = metric.compute()
@@ -361,6 +453,22 @@ def test_metric_matches_numpy_reference():
         "brier4_se", "brier_lm", "brier_lm_se", "count",
     ]  # fmt: skip
     assert d["brier3_se"] == res.brier_se[2] and d["count"] == 3000
+
+
+def test_metric_accumulates_in_float64():
+    """Non-integer estimates (float32, like a probability-based estimate): the sums are exact to
+    float64 rounding, which float32 accumulation (relative error ~1e-7) would fail."""
+    g = torch.Generator().manual_seed(7)
+    est = (2 * torch.rand(200_000, 3, generator=g) - 1).float()  # non-integer, in [-1, 1]
+    est[:, 1] = 0.3 + 0.01 * est[:, 1]  # a nearly constant column: its SE cancels badly
+    metric = BrierLM(max_order=3)
+    for chunk in est.split(25_000):
+        metric.update(chunk)
+    res = metric.compute()
+    ref = _reference(est.double().numpy())
+    np.testing.assert_allclose(res.brier, ref["brier"], rtol=1e-12)
+    np.testing.assert_allclose(res.brier_se, ref["brier_se"], rtol=1e-9)
+    assert metric.state_dict()["sum"].dtype == torch.float64
 
 
 def test_metric_chunked_updates_equal_one_update():
@@ -409,6 +517,12 @@ def test_metric_state_dict_round_trip_and_copy():
     bad = dict(state, sum=torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="shapes"):
         BrierLM().load_state_dict(bad)
+    for count in (torch.tensor(-1), -5, torch.tensor(2.5), math.nan):
+        with pytest.raises(ValueError, match="count must be a nonnegative integer"):
+            BrierLM().load_state_dict(dict(state, count=count))
+    fresh = BrierLM()
+    fresh.load_state_dict(dict(state, count=torch.tensor(300.0)))  # an integral float is fine
+    assert fresh.compute().count == 300
 
 
 def test_metric_merge_equals_joint_and_reset():

@@ -302,20 +302,22 @@ def test_autocast_cuda_keeps_float32_arithmetic(dtype) -> None:
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
 @pytest.mark.parametrize("batch", [(), (2,)])
-def test_gradcheck_float64(beta: float, batch: tuple) -> None:
+@pytest.mark.parametrize("d", [3, 6])  # difference path and Gram path
+def test_gradcheck_float64(beta: float, batch: tuple, d: int) -> None:
     g = torch.Generator().manual_seed(7)
-    samples = torch.randn(3, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randn(2, *batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    samples = torch.randn(3, *batch, d, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(2, *batch, d, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda s, t: energy_loss(s, t, beta=beta, reduction="none"), (samples, targets))
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["two_samples", "all_samples", "sample_and_target"])
-def test_coincident_points_give_the_zero_subgradient(beta, dtype, case) -> None:
+@pytest.mark.parametrize("d", [2, 16])  # difference path and Gram path
+def test_coincident_points_give_the_zero_subgradient(beta, dtype, case, d) -> None:
     g = torch.Generator().manual_seed(8)
-    samples = 3.0 + torch.randn(4, 8, 16, generator=g, dtype=dtype)
-    targets = 3.0 + torch.randn(3, 8, 16, generator=g, dtype=dtype)
+    samples = 3.0 + torch.randn(4, 8, d, generator=g, dtype=dtype)
+    targets = 3.0 + torch.randn(3, 8, d, generator=g, dtype=dtype)
     if case == "two_samples":
         samples[2] = samples[0]
     elif case == "all_samples":  # e.g. a freshly zero-initialised generative head

@@ -26,5 +26,15 @@ def test_importing_the_toolkit_pulls_in_no_language_model_code():
     assert out.stdout.strip() == "", f"likelihood_free imported {out.stdout.strip()}"
 
 
+def test_importing_the_toolkit_pulls_in_only_torch_and_numpy():
+    code = (
+        "import sys, torch, numpy; before = set(sys.modules); import likelihood_free; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(','.join(sorted(new - {'likelihood_free', 'torch', 'numpy'})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"likelihood_free imported {out.stdout.strip()}"
+
+
 def test_fallback_warning_is_a_user_warning():
     assert issubclass(likelihood_free.TemperatureFallbackWarning, UserWarning)
