@@ -206,6 +206,9 @@ class HeadConfig:
         num_blocks: Residual MLP blocks.
         noise_size: Size of the energy head's uniform noise ``U[-1/2, 1/2]^z``.
         num_samples: Energy loss: head samples ``N`` per position (>= 2).
+        num_components: Energy head: a mixture of ``J`` generators (one noise offset each) with weights
+            predicted from the hidden state and trained exactly by the mixture energy score
+            (:func:`likelihood_free.mixture_energy_score`; ``N / J`` samples of each); 1: one generator.
         beta: Energy-score exponent in ``(0, 2)``.
         max_target_draws: Flow/diffusion loss: at most this many of the ``M`` targets are used.
         flow_steps: ODE solver steps of the flow sampler.
@@ -228,6 +231,7 @@ class HeadConfig:
     num_blocks: int = 3
     noise_size: int = 64
     num_samples: int = 8
+    num_components: int = 1
     beta: float = 1.0
     max_target_draws: int = 4
     flow_steps: int = 8
@@ -245,6 +249,13 @@ class HeadConfig:
         _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps", "diffusion_steps")
         _ints(self, 0, "num_blocks")
         _ints(self, 2, "num_samples", "diffusion_train_steps")
+        _ints(self, 1, "num_components")
+        j, n = self.num_components, self.num_samples
+        _need(j == 1 or self.type == "energy", f"num_components={j} needs type 'energy', got {self.type!r}")
+        _need(
+            j == 1 or (n % j == 0 and n >= 2 * j),
+            f"num_samples ({n}) must be a multiple of num_components ({j}), >= 2 each",
+        )
         steps, train_steps = self.diffusion_steps, self.diffusion_train_steps
         _need(steps <= train_steps, f"diffusion_steps must be <= diffusion_train_steps, got {steps} > {train_steps}")
         _interval(self, 0, 2, "beta", closed="()")

@@ -65,7 +65,7 @@ def head_flops(
     modulation = linear_flops(net.final_modulation, *(b.modulation for b in net.blocks))
     per_sample = linear_flops(net.input_proj, net.output, *(b.mlp for b in net.blocks))
     if head.cfg.type == "energy":
-        return cond + modulation + n * per_sample
+        return cond + modulation + n * per_sample + linear_flops(getattr(head, "mixture", nn.Sequential()))
     if loss:
         k = min(num_targets, head.cfg.max_target_draws)
         return cond + k * (linear_flops(head.time_embed) + modulation + per_sample)

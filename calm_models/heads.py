@@ -25,7 +25,7 @@ from torch import nn
 
 from calm_models._layers import check_int
 from calm_models.config import HeadConfig
-from likelihood_free.energy import energy_loss
+from likelihood_free.energy import energy_loss, mixture_energy_loss
 
 _TIME_FEATURES = 256  # size of the sinusoidal time features (DiT, MAR)
 
@@ -103,6 +103,13 @@ class EnergyHead(nn.Module):
     against the ``M`` targets,
     :math:`\frac{2}{NM}\sum_{i,k}\lVert x_i-y_k\rVert^\beta - \frac{1}{N(N-1)}\sum_{i\neq j}\lVert x_i-x_j\rVert^\beta`.
 
+    With ``J = cfg.num_components > 1`` the head is a mixture of ``J`` generators: component ``j``
+    adds a learned offset ``e_j`` to the noise, and its weight ``pi_j = softmax(Linear(hidden))_j``.
+    A sample first draws ``j ~ pi``; the loss draws ``N / J`` samples of every component and scores
+    the mixture exactly (:func:`~likelihood_free.mixture_energy_loss`), so the weights get exact
+    gradients. A continuous map of connected noise cannot put its mass on separated modes without
+    mass in between; discrete components can, which is what a distribution over token chunks needs.
+
     Example:
         >>> head = EnergyHead(HeadConfig(hidden_size=32, num_blocks=2), cond_size=16, latent_size=4)
         >>> hidden = torch.randn(2, 3, 16)
@@ -118,12 +125,20 @@ class EnergyHead(nn.Module):
         self.cond_proj = nn.Linear(cond_size, cfg.hidden_size)
         self.net = _AdaLNMLP(cfg.noise_size, cfg.hidden_size, latent_size, cfg.num_blocks, cfg.norm_eps)
         _init_linears(self.cond_proj, nn.init.xavier_uniform_)
+        if cfg.num_components > 1:  # offsets start apart (unit normal), weights start uniform
+            self.components = nn.Embedding(cfg.num_components, cfg.noise_size)
+            self.mixture = nn.Linear(cond_size, cfg.num_components)
+            _init_linears(self.mixture, nn.init.zeros_)
 
     def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
         eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        if self.cfg.num_components > 1:  # component of each draw: j ~ pi, (B, n) -> (n, ...)
+            weights = self.mixture(hidden).float().softmax(-1).reshape(-1, self.cfg.num_components)
+            j = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+            eps = eps + self.components(j.T.reshape(shape[:-1])).to(eps.dtype)
         return self._generate(eps, hidden).to(hidden.dtype)  # (n, ..., l)
 
     def _generate(self, eps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -134,8 +149,16 @@ class EnergyHead(nn.Module):
     ) -> torch.Tensor:
         """Per-position energy loss ``(...)`` (fp32) against targets ``(M, ..., l)``."""
         _check_inputs(self, hidden, targets)
-        samples = self.sample(hidden, self.cfg.num_samples, generator=generator)  # (N, ..., l)
-        return energy_loss(samples, targets, beta=self.cfg.beta, reduction="none")
+        j = self.cfg.num_components
+        if j == 1:
+            samples = self.sample(hidden, self.cfg.num_samples, generator=generator)  # (N, ..., l)
+            return energy_loss(samples, targets, beta=self.cfg.beta, reduction="none")
+        shape = (j, self.cfg.num_samples // j, *hidden.shape[:-1], self.cfg.noise_size)
+        eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        eps = eps + self.components.weight.view(j, 1, *[1] * (hidden.dim() - 1), -1).to(eps.dtype)
+        samples = self._generate(eps.flatten(0, 1), hidden).unflatten(0, shape[:2])  # (J, N / J, ..., l)
+        weights = self.mixture(hidden).float().softmax(-1)  # (..., J)
+        return mixture_energy_loss(samples, weights, targets, beta=self.cfg.beta, reduction="none")
 
     forward = loss
 

@@ -12,7 +12,7 @@ models:
 """
 
 from likelihood_free.brier import BrierLM, BrierLMResult, brier_estimate, brier_lm, brier_score
-from likelihood_free.energy import energy_loss, energy_score
+from likelihood_free.energy import energy_loss, energy_score, mixture_energy_loss, mixture_energy_score
 from likelihood_free.temperature import (
     BernoulliFactoryResult,
     TemperatureFallbackWarning,
@@ -26,6 +26,8 @@ from likelihood_free.temperature import (
 __all__ = [
     "energy_score",
     "energy_loss",
+    "mixture_energy_score",
+    "mixture_energy_loss",
     "brier_score",
     "brier_estimate",
     "brier_lm",

@@ -29,7 +29,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-__all__ = ["energy_score", "energy_loss"]
+__all__ = ["energy_score", "energy_loss", "mixture_energy_score", "mixture_energy_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -236,6 +236,15 @@ def energy_score(samples: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tens
         return (dist.sum(dim=1) @ weights).reshape(batch_shape)
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, got {reduction!r}")
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
 def energy_loss(samples: Tensor, targets: Tensor, *, beta: float = 1.0, reduction: str = "mean") -> Tensor:
     r"""Energy loss for training: the negated :func:`energy_score`, reduced over the batch.
 
@@ -273,11 +282,137 @@ def energy_loss(samples: Tensor, targets: Tensor, *, beta: float = 1.0, reductio
         >>> energy_loss(samples, targets)
         tensor(4.)
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, got {reduction!r}")
-    loss = -energy_score(samples, targets, beta=beta)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    _check_reduction(reduction)
+    return _reduce(-energy_score(samples, targets, beta=beta), reduction)
+
+
+def _check_weights(weights: Tensor, samples: Tensor) -> None:
+    """Validates the mixture weights of :func:`mixture_energy_score`."""
+    k, batch = samples.shape[0], tuple(samples.shape[2:-1])
+    if not isinstance(weights, Tensor) or not weights.is_floating_point():
+        got = weights.dtype if isinstance(weights, Tensor) else type(weights).__name__
+        raise TypeError(f"weights must be a floating-point torch.Tensor, got {got}")
+    if tuple(weights.shape) != (*batch, k):
+        raise ValueError(
+            f"weights must have shape {(*batch, k)} (*batch, J) for samples of shape {tuple(samples.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != samples.device:
+        raise ValueError(f"weights must be on the samples' device {samples.device}, got {weights.device}")
+    w = weights.detach().double()
+    tol = 1e-4 if weights.dtype in (torch.float32, torch.float64) else 2e-2
+    if w.numel() and (
+        not bool(torch.isfinite(w).all()) or float(w.min()) < 0 or float((w.sum(-1) - 1).abs().max()) > tol
+    ):
+        raise ValueError(
+            f"weights must be finite, non-negative and sum to 1 over the last axis (within {tol:g}); "
+            f"got values in [{float(w.min()):.3g}, {float(w.max()):.3g}] with sums up to "
+            f"{float((w.sum(-1) - 1).abs().max()):.3g} away from 1"
+        )
+
+
+def mixture_energy_score(samples: Tensor, weights: Tensor, targets: Tensor, *, beta: float = 1.0) -> Tensor:
+    r"""Unbiased energy score of a mixture whose weights are known, differentiable in the weights.
+
+    The model is the mixture :math:`P = \sum_j \pi_j P_j` of ``J`` samplers. With ``n`` draws
+    :math:`x_{j1}, \dots, x_{jn}` of every component and targets :math:`y_1, \dots, y_m`,
+
+    .. math::
+
+        \hat S = \sum_{j,k} \pi_j \pi_k \hat D_{jk}
+                 - \frac{2}{nm} \sum_j \pi_j \sum_{a,i} \|x_{ja} - y_i\|^\beta,
+        \quad
+        \hat D_{jk} = \begin{cases}
+            \frac{1}{n^2} \sum_{a,b} \|x_{ja} - x_{kb}\|^\beta & j \ne k \\
+            \frac{1}{n(n-1)} \sum_{a \ne b} \|x_{ja} - x_{jb}\|^\beta & j = k
+        \end{cases}
+
+    is an unbiased estimate of the energy score :math:`E\|X - X'\|^\beta - 2 E\|X - Y\|^\beta`
+    of ``P`` (the same quantity as :func:`energy_score`), because the score is a quadratic form in
+    the weights whose coefficients :math:`E\|X_j - X_k'\|^\beta` each have an unbiased estimate.
+    Unlike :func:`energy_score` on draws of ``P``, which would need the component of each draw to
+    be sampled, it gives the weights an exact gradient: a generator can learn discrete choices
+    (which component) through ``weights`` and the continuous spread within each component through
+    the draws. Arithmetic, precision and the handling of coincident draws are those of
+    :func:`energy_score`; ``J = 1`` reproduces it (up to rounding).
+
+    Args:
+        samples: ``(J, n, *batch, d)`` floating tensor, ``n >= 2`` independent draws of each of
+            the ``J`` components for each batch element.
+        weights: ``(*batch, J)`` floating tensor of mixture weights, non-negative and summing to 1
+            (e.g. a softmax); gradients flow to it.
+        targets: ``(m, *batch, d)`` floating tensor, ``m >= 1`` draws or observations of the target.
+        beta: exponent of the distance, in the open interval ``(0, 2)``.
+
+    Returns:
+        ``(*batch)`` tensor of scores, float32 (float64 if an input is float64).
+
+    Raises:
+        TypeError: as :func:`energy_score`, or if ``weights`` is not a floating tensor.
+        ValueError: as :func:`energy_score` (with ``J * n`` draws), or if ``weights`` has the wrong
+            shape or device, a negative or non-finite entry, or rows that do not sum to 1.
+
+    Example:
+        >>> import torch
+        >>> samples = torch.tensor([[[0.0], [0.0]], [[4.0], [4.0]]])  # J = 2 point masses, n = 2
+        >>> weights, targets = torch.tensor([0.25, 0.75]), torch.tensor([[4.0]])
+        >>> mixture_energy_score(samples, weights, targets)  # 2 * .25 * .75 * 4 - 2 * .25 * 4
+        tensor(-0.5000)
+        >>> mixture_energy_score(torch.randn(8, 2, 16, 128), torch.full((16, 8), 1 / 8), torch.randn(100, 16, 128)).shape
+        torch.Size([16])
+    """
+    if not isinstance(samples, Tensor) or samples.dim() < 3:
+        got = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise ValueError(f"samples must have shape (J, n, *batch, d) with n >= 2 draws of each component, got {got}")
+    k, n = samples.shape[0], samples.shape[1]
+    if k < 1 or n < 2:
+        raise ValueError(
+            f"samples must hold J >= 1 components with n >= 2 draws each along axes 0 and 1, got shape {tuple(samples.shape)}"
+        )
+    flat = samples.flatten(0, 1)  # (J n, *batch, d)
+    _check_inputs(flat, targets, beta)
+    _check_weights(weights, samples)
+    beta = float(beta)
+    m, d = targets.shape[0], samples.shape[-1]
+    batch_shape = samples.shape[2:-1]
+    dtype = torch.float64 if torch.float64 in (samples.dtype, targets.dtype, weights.dtype) else torch.float32
+    with _autocast_off(samples.device):
+        x = flat.reshape(k * n, -1, d)  # (J n, B, d)
+        y = targets.reshape(m, -1, d)  # (m, B, d)
+        sq, zero_below = _squared_distances(x, y, dtype)  # (B, J n, J n + m)
+        not_self = ~torch.eye(k * n, k * n + m, dtype=torch.bool, device=sq.device)
+        dist = _safe_power(sq, zero_below, beta, not_self)  # (B, J n, J n + m)
+        pair = dist[:, :, : k * n].unflatten(1, (k, n)).unflatten(3, (k, n)).sum(dim=(2, 4))  # (B, J, J)
+        fit = dist[:, :, k * n :].unflatten(1, (k, n)).sum(dim=(2, 3)) / (n * m)  # (B, J)
+        coef = torch.full((k, k), 1.0 / (n * n), dtype=dtype, device=sq.device)
+        coef.diagonal().fill_(1.0 / (n * (n - 1)))
+        pi = weights.reshape(-1, k).to(dtype)  # (B, J)
+        spread = torch.einsum("bj,bjk,bk->b", pi, pair * coef, pi)
+        return (spread - 2.0 * (pi * fit).sum(dim=-1)).reshape(batch_shape)
+
+
+def mixture_energy_loss(
+    samples: Tensor, weights: Tensor, targets: Tensor, *, beta: float = 1.0, reduction: str = "mean"
+) -> Tensor:
+    r"""Training loss of a mixture sampler: the negated :func:`mixture_energy_score`, reduced over the batch.
+
+    Args:
+        samples: ``(J, n, *batch, d)`` draws of every component.
+        weights: ``(*batch, J)`` mixture weights (gradients flow to them).
+        targets: ``(m, *batch, d)`` target draws.
+        beta: exponent of the distance, in ``(0, 2)``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A 0-dim tensor for ``"mean"``/``"sum"``, else the ``(*batch)`` losses.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(16, 4, requires_grad=True)
+        >>> loss = mixture_energy_loss(torch.randn(4, 2, 16, 8), logits.softmax(-1), torch.randn(10, 16, 8))
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([16, 4])
+    """
+    _check_reduction(reduction)
+    return _reduce(-mixture_energy_score(samples, weights, targets, beta=beta), reduction)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from likelihood_free.energy import energy_loss, energy_score
+from likelihood_free.energy import energy_loss, energy_score, mixture_energy_loss, mixture_energy_score
 
 Z = 5.0  # Monte Carlo tolerance in standard errors
 REPLICATES = 4000
@@ -458,3 +458,148 @@ def test_non_number_beta_raises(beta) -> None:
 def test_unknown_reduction_raises_listing_valid_ones(reduction) -> None:
     with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
         energy_loss(*_ok(), reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def _naive_mixture_score(samples, weights, targets, beta):
+    """The mixture estimator as loops over components and draws, float64 -> (*batch)."""
+    x, w, y = samples.double(), weights.double(), targets.double()
+    k, n, m = x.shape[0], x.shape[1], y.shape[0]
+    total = 0.0
+    for j, jj in itertools.product(range(k), repeat=2):
+        pairs = [(a, b) for a in range(n) for b in range(n) if j != jj or a != b]
+        d = sum(torch.linalg.vector_norm(x[j, a] - x[jj, b], dim=-1) ** beta for a, b in pairs) / len(pairs)
+        total = total + w[..., j] * w[..., jj] * d
+    for j in range(k):
+        fit = sum(torch.linalg.vector_norm(x[j, a] - y[i], dim=-1) ** beta for a in range(n) for i in range(m))
+        total = total - 2.0 * w[..., j] * fit / (n * m)
+    return total
+
+
+def test_mixture_with_one_component_is_the_energy_score() -> None:
+    g = torch.Generator().manual_seed(0)
+    samples, targets = torch.randn(5, 3, 7, generator=g), torch.randn(4, 3, 7, generator=g)
+    got = mixture_energy_score(samples[None], torch.ones(3, 1), targets, beta=0.8)
+    torch.testing.assert_close(got, energy_score(samples, targets, beta=0.8), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "batch", "d", "beta"), [(3, 2, (4,), 2, 1.0), (2, 3, (2, 3), 6, 0.5), (4, 2, (), 9, 1.5)]
+)
+def test_mixture_matches_naive_loops(k, n, batch, d, beta) -> None:
+    g = torch.Generator().manual_seed(k * 10 + n)
+    samples = torch.randn(k, n, *batch, d, generator=g)
+    weights = torch.rand(*batch, k, generator=g).softmax(-1)
+    targets = torch.randn(3, *batch, d, generator=g)
+    got = mixture_energy_score(samples, weights, targets, beta=beta)
+    torch.testing.assert_close(
+        got.double(), _naive_mixture_score(samples, weights, targets, beta), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_mixture_weight_gradient_is_exact() -> None:
+    """The score is pi^T D pi - 2 pi . F in the weights, so d/dpi = 2 D pi - 2 F (D symmetric)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)  # (J, n = 2, d)
+    targets = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    mixture_energy_score(x, weights, targets).backward()
+    fit = torch.stack([torch.linalg.vector_norm(x[j][:, None] - targets[None], dim=-1).mean() for j in range(3)])
+    dmat = torch.empty(3, 3, dtype=torch.float64)
+    for j, jj in itertools.product(range(3), repeat=2):
+        dist = torch.linalg.vector_norm(x[j][:, None] - x[jj][None], dim=-1)  # (n, n)
+        dmat[j, jj] = dist.sum() / 2 if j == jj else dist.mean()  # j = k: the n(n-1) = 2 ordered pairs
+    torch.testing.assert_close(weights.grad, 2 * dmat @ weights.detach() - 2 * fit)
+
+
+def _discrete_mixture(seed: int):
+    """Three components on finite point sets of R^2, fixed weights, a discrete target law."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(3, 4, 2, generator=g, dtype=torch.float64) * 2  # component j: 4 atoms
+    probs = torch.rand(3, 4, generator=g, dtype=torch.float64).softmax(-1)
+    weights = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    target_atoms, target_probs = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.full((5,), 0.2).double()
+    return points, probs, weights, target_atoms, target_probs
+
+
+def _exact_mixture_score(points, probs, weights, target_atoms, target_probs, beta):
+    mix_atoms = points.reshape(-1, 2)  # (12, 2)
+    mix_probs = (weights[:, None] * probs).reshape(-1)
+    dxx = torch.cdist(mix_atoms, mix_atoms) ** beta
+    dxy = torch.cdist(mix_atoms, target_atoms) ** beta
+    return float(mix_probs @ dxx @ mix_probs - 2 * mix_probs @ dxy @ target_probs)
+
+
+@pytest.mark.parametrize(("n", "beta"), [(2, 1.0), (3, 0.5)])
+def test_mixture_score_is_unbiased(n, beta) -> None:
+    points, probs, weights, target_atoms, target_probs = _discrete_mixture(seed=n)
+    g = torch.Generator().manual_seed(100 + n)
+    idx = torch.multinomial(probs, n * REPLICATES, replacement=True, generator=g).reshape(3, n, REPLICATES)
+    samples = points[torch.arange(3)[:, None, None], idx]  # (J, n, R, 2)
+    targets = target_atoms[torch.multinomial(target_probs, REPLICATES, replacement=True, generator=g)][None]
+    scores = mixture_energy_score(samples, weights.expand(REPLICATES, 3), targets, beta=beta)
+    mean, se = _mean_se(scores)
+    exact = _exact_mixture_score(points, probs, weights, target_atoms, target_probs, beta)
+    assert abs(mean - exact) <= Z * se, (mean, exact, se)
+    # The tolerance is tight enough to see the bias of counting a draw's zero distance to itself.
+    k = 3
+    pair = (
+        torch.cdist(
+            samples.permute(2, 0, 1, 3).reshape(REPLICATES, k * n, 2),
+            samples.permute(2, 0, 1, 3).reshape(REPLICATES, k * n, 2),
+        )
+        ** beta
+    )
+    within = torch.stack(
+        [pair[:, j * n : (j + 1) * n, j * n : (j + 1) * n].sum((1, 2)) for j in range(k)], -1
+    )  # (R, J)
+    biased = scores - (weights**2 * within).sum(-1) * (1 / (n * (n - 1)) - 1 / n**2)
+    biased_mean, biased_se = _mean_se(biased)
+    assert abs(biased_mean - exact) > Z * biased_se, (biased_mean, exact, biased_se)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: (torch.randn(2, 1, 3, 4), torch.full((3, 2), 0.5), torch.randn(1, 3, 4)), ValueError, "n >= 2 draws"),
+        (
+            lambda: (torch.randn(2, 2, 3, 4), torch.full((3, 3), 1 / 3), torch.randn(1, 3, 4)),
+            ValueError,
+            r"weights must have shape \(3, 2\)",
+        ),
+        (
+            lambda: (torch.randn(2, 2, 3, 4), torch.tensor([[1.5, -0.5]] * 3), torch.randn(1, 3, 4)),
+            ValueError,
+            "non-negative",
+        ),
+        (lambda: (torch.randn(2, 2, 3, 4), torch.full((3, 2), 0.4), torch.randn(1, 3, 4)), ValueError, "sum to 1"),
+        (
+            lambda: (torch.randn(2, 2, 3, 4), torch.ones(3, 2, dtype=torch.long), torch.randn(1, 3, 4)),
+            TypeError,
+            "weights must be a floating",
+        ),
+        (
+            lambda: (torch.randn(2, 2, 3, 4), torch.full((3, 2), 0.5), torch.randn(1, 4, 4)),
+            ValueError,
+            "targets must have shape",
+        ),
+    ],
+)
+def test_mixture_invalid_inputs_raise(make, error, match) -> None:
+    with pytest.raises(error, match=match):
+        mixture_energy_score(*make())
+
+
+def test_mixture_loss_reductions_and_low_precision() -> None:
+    g = torch.Generator().manual_seed(5)
+    samples, targets = torch.randn(2, 3, 4, 6, generator=g), torch.randn(5, 4, 6, generator=g)
+    weights = torch.rand(4, 2, generator=g).softmax(-1)
+    score = mixture_energy_score(samples, weights, targets)
+    torch.testing.assert_close(mixture_energy_loss(samples, weights, targets, reduction="none"), -score)
+    torch.testing.assert_close(mixture_energy_loss(samples, weights, targets), -score.mean())
+    low = mixture_energy_score(samples.bfloat16(), weights.bfloat16(), targets.bfloat16())
+    assert low.dtype == torch.float32
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mixture_energy_loss(samples, weights, targets, reduction="max")
