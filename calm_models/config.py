@@ -252,10 +252,8 @@ class HeadConfig:
         _ints(self, 1, "num_components")
         j, n = self.num_components, self.num_samples
         _need(j == 1 or self.type == "energy", f"num_components={j} needs type 'energy', got {self.type!r}")
-        _need(
-            j == 1 or (n % j == 0 and n >= 2 * j),
-            f"num_samples ({n}) must be a multiple of num_components ({j}), >= 2 each",
-        )
+        ok = j == 1 or n % j == 0 and n >= 2 * j
+        _need(ok, f"num_samples ({n}) must be a multiple of num_components ({j}), >= 2 each")
         steps, train_steps = self.diffusion_steps, self.diffusion_train_steps
         _need(steps <= train_steps, f"diffusion_steps must be <= diffusion_train_steps, got {steps} > {train_steps}")
         _interval(self, 0, 2, "beta", closed="()")

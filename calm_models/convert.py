@@ -97,23 +97,19 @@ def _ae_config(cfg: dict, where: Path) -> AutoencoderConfig:
     _require(cfg, where, hidden_act="silu", mlp_bias=False)
     enc, dec = cfg.get("num_encoder_layers", 2), cfg.get("num_decoder_layers", 2)
     if enc // 2 != dec // 2:
-        raise ConversionError(
-            f"{where}: num_encoder_layers={enc} and num_decoder_layers={dec} "
-            "give stages of different depth, which is not supported"
-        )
+        raise ConversionError(f"{where}: num_encoder_layers={enc} and num_decoder_layers={dec} differ")
+    same = {k: cfg[k] for k in ("vocab_size", "latent_size", "hidden_size", "intermediate_size")}
+    dropout, eps = cfg.get("ae_dropout", 0.15), cfg.get("rms_norm_eps", 1e-6)
     return AutoencoderConfig(
-        vocab_size=cfg["vocab_size"],
+        **same,
         chunk_size=cfg["patch_size"],
-        latent_size=cfg["latent_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
         num_token_layers=enc // 2,
         num_chunk_layers=enc // 2,
         kl_weight=cfg.get("kl_weight", 1e-3),
         kl_clamp=cfg.get("kl_clamp", 0.5),
-        mask_prob=cfg.get("ae_dropout", 0.15),
-        latent_dropout=cfg.get("ae_dropout", 0.15),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        mask_prob=dropout,
+        latent_dropout=dropout,
+        norm_eps=eps,
         inner_norms=False,
         projection_bias=True,
     )
