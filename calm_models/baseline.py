@@ -130,33 +130,27 @@ class TokenLM(nn.Module):
         *,
         max_order: int = 4,
         generator: torch.Generator | None = None,
-        method: str = "batched",
     ) -> BrierTerms:
         """Both terms of the per-position Brier estimates (see :class:`BrierTerms`).
 
         Position ``s`` (default: every ``s = 1 .. L - max_order``) scores the continuation
         ``tokens[:, s:s+max_order]`` of ``tokens[:, :s]``: ``target_prob`` from one teacher-forced
         pass, and a continuation of its own drawn by inverse-CDF sampling with uniforms ``(b, P, n)``
-        drawn up front. ``method="batched"`` fills a cache in a first pass, then ``n - 1`` passes of
-        width ``P`` append all rollouts, rollout ``i`` attending to its prefix and its own tokens
-        only; ``method="loop"`` is the slow reference (one cached rollout per position), with the
-        same samples up to rounding.
+        drawn up front. A first pass fills a cache, then ``n - 1`` passes of width ``P`` append all
+        rollouts, rollout ``i`` attending to its prefix and its own tokens only (the per-position
+        loop it replaces is the naive formulation in ``benchmarks/_naive.py``).
         """
-        if method not in ("batched", "loop"):
-            raise ValueError(f"method must be 'batched' or 'loop', got {method!r}")
         tokens = self._tokens(tokens)
         b, length = tokens.shape
         ends = check_positions(positions, length, max_order, 1, tokens.device) - 1  # (P,)
         p = ends.shape[0]
         work = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
         u = torch.rand(b, p, max_order, generator=generator, device=tokens.device, dtype=work)
-        cache_len = length + (max_order - 1) * (p if method == "batched" else 1)
-        cache = self.backbone.new_cache(b, cache_len) if max_order > 1 else None
+        cache = self.backbone.new_cache(b, length + (max_order - 1) * p) if max_order > 1 else None
         logits = self(tokens, cache=cache)  # (b, L, V)
         target_lp = target_logprobs(logits.to(work), tokens, ends + 1, max_order)  # teacher forcing
         start = logits[:, ends]  # (b, P, V)
-        rollout = self._rollouts_batched if method == "batched" else self._rollouts_loop
-        samples, sample_lp = rollout(start, ends, u, cache, length)
+        samples, sample_lp = self._rollouts(start, ends, u, cache, length)
         return BrierTerms(target_lp.cumsum(-1).exp(), sample_lp.cumsum(-1).exp(), samples)
 
     def brier_estimates(
@@ -166,7 +160,6 @@ class TokenLM(nn.Module):
         *,
         max_order: int = 4,
         generator: torch.Generator | None = None,
-        method: str = "batched",
     ) -> torch.Tensor:
         """Unbiased Brier-1..n estimates ``2 P(y_{1:n}) - P(x_{1:n})``, ``(b, P, n)`` (see :meth:`brier_terms`).
 
@@ -178,9 +171,9 @@ class TokenLM(nn.Module):
             >>> model.brier_estimates(tokens, torch.tensor([4, 6])).shape
             torch.Size([2, 2, 4])
         """
-        return self.brier_terms(tokens, positions, max_order=max_order, generator=generator, method=method).estimates()
+        return self.brier_terms(tokens, positions, max_order=max_order, generator=generator).estimates()
 
-    def _rollouts_batched(self, start, ends, u, cache, length):
+    def _rollouts(self, start, ends, u, cache, length):
         b, p, n = u.shape
         device = start.device
         prefix = torch.arange(length, device=device)[None, :] <= ends[:, None]  # (P, L)
@@ -196,23 +189,6 @@ class TokenLM(nn.Module):
                     x, position_ids=(ends + j + 1)[None], attn_mask=mask[..., : length + (j + 1) * p], cache=cache
                 )
         return torch.stack(samples, -1), torch.stack(sample_lp, -1)
-
-    def _rollouts_loop(self, start, ends, u, cache, length):
-        b, p, n = u.shape
-        samples = torch.empty(b, p, n, dtype=torch.long, device=start.device)
-        sample_lp = torch.empty(b, p, n, dtype=u.dtype, device=start.device)
-        # latest position first: its rollout overwrites cache columns only later positions need
-        end_list = ends.tolist()
-        for i in sorted(range(p), key=lambda k: -end_list[k]):
-            logits = start[:, i]  # (b, V)
-            if cache is not None:
-                cache.crop(end_list[i] + 1)
-            for j in range(n):
-                x, lp = _sample_with_logprob(logits, u[:, i, j])
-                samples[:, i, j], sample_lp[:, i, j] = x, lp
-                if j + 1 < n:
-                    logits = self(x[:, None], cache=cache)[:, 0]
-        return samples, sample_lp
 
     @torch.no_grad()
     def generate(

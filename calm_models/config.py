@@ -524,12 +524,15 @@ class TrainConfig:
 
 @dataclass
 class PipelineConfig:
-    """Autoencoder stage, then CALM on it, then BrierLM and a generated sample.
+    """Autoencoder stage, CALM on it, the token baseline at the same training FLOPs, BrierLM of both, a sample.
 
     Attributes:
         out_dir: Parent directory of the ``autoencoder/`` and ``calm/`` runs.
         ae_stage: The autoencoder stage (its ``run.out_dir`` is replaced).
         lm_stage: The CALM stage (``run.out_dir`` and ``autoencoder_path`` are replaced).
+        ar_stage: The token baseline, trained on the same tokenizer to the total training FLOPs of the autoencoder and
+            CALM together (``run.steps`` is replaced), then scored on the same blocks; ``compare=False`` skips it.
+        compare: Train and score the baseline.
         prompt: Prompt of the sample printed at the end.
         sample_tokens: Tokens generated for it.
         temperature: Sampling temperature in ``(0, 1]``.
@@ -539,6 +542,8 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     ae_stage: TrainConfig = field(default_factory=TrainConfig)
     lm_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="calm", autoencoder_path="-"))
+    ar_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="ar"))
+    compare: bool = True
     prompt: str = "def "
     sample_tokens: int = 64
     temperature: float = 1.0

@@ -124,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calm_models.evaluate", description="BrierLM of a trained model.")
     parser.add_argument("checkpoint", nargs="?", help="run directory or checkpoint directory")
     parser.add_argument("--hf", default=None, help="a local Hugging Face causal LM folder instead")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bf16", "fp32"),
-        help="--hf: the weights' dtype (auto: bf16 on a GPU that has it)",
-    )
+    dtypes = ("auto", "bf16", "fp32")
+    parser.add_argument("--dtype", default="auto", choices=dtypes, help="--hf: weights' dtype (auto: bf16 on GPUs)")
     parser.add_argument("--eos-token", default=None, help="--hf: EOS after each document")
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
     parser.add_argument("--batches", type=_non_negative, default=0, help="max batches (0: all)")
@@ -155,17 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = load_run(args.checkpoint, device=args.device)
         if run.config.stage == "autoencoder":
-            raise ValueError(
-                f"{args.checkpoint} is an autoencoder run; BrierLM scores a language "
-                "model (use calm_models.robustness for an autoencoder)"
-            )
+            raise ValueError(f"{args.checkpoint} is an autoencoder run; use calm_models.robustness for it")
         model, k = run.model, run.model.chunk_size
         block_len = args.block_len or run.config.data.block_len
         if block_len % k or block_len > model.max_tokens:
-            raise ValueError(
-                f"--block-len must be a multiple of K={k} and at most the model's "
-                f"{model.max_tokens} tokens, got {block_len}"
-            )
+            raise ValueError(f"--block-len must be a multiple of K={k}, at most {model.max_tokens}, got {block_len}")
         if args.stride % k:
             raise ValueError(f"--stride must be a multiple of the chunk size K={k}, got {args.stride}")
         evaluation_starts(block_len, args.stride)

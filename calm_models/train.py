@@ -41,7 +41,7 @@ from calm_models import distributed
 from calm_models.autoencoder import reconstruction_accuracy
 from calm_models.backbone import _Block
 from calm_models.config import STAGES, ConfigError, PipelineConfig, TrainConfig, load_config, preset, save_config
-from calm_models.data import BlockLoader, DataError, PackedBlocks, prepare_data
+from calm_models.data import BlockLoader, DataError, PackedBlocks, TextTokenizer, prepare_data
 from calm_models.evaluate import evaluate_brier_lm, format_result
 from calm_models.metrics import MetricsLogger
 from calm_models.optim import build_optimizer, build_scheduler
@@ -302,9 +302,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
 
         def evaluate() -> dict:
             """Validation metrics, logged and shown."""
-            metrics = _evaluate(model, cfg, valid_blocks, info)
-            seen = {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen}
-            logger.log({**seen, **metrics}, step=step, split="valid")
+            metrics = {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen}
+            metrics |= _evaluate(model, cfg, valid_blocks, info)
+            logger.log(metrics, step=step, split="valid")
             if main_process:
                 keys = ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
                 tqdm.write(f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
@@ -376,39 +376,59 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
 
 
 def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> dict:
-    """Train the autoencoder, then CALM on it; print BrierLM and a generated sample.
+    """Train the autoencoder, CALM on it and the token baseline at the same training FLOPs; print BrierLM and a sample.
 
     An interrupted stage ends the pipeline (the result then holds ``"interrupted"``).
 
     Returns:
-        ``{"autoencoder": run dir, "calm": run dir, "brier_lm": ..., "sample": text}``.
+        ``{"autoencoder", "calm", "baseline": run dirs, "brier_lm": {"calm", "baseline"}, "sample": text}``.
     """
-    out = Path(cfg.out_dir)
+    out, flags = Path(cfg.out_dir), {"resume": resume, "fallback": fallback, "overwrite": overwrite}
     ae_cfg = replace(cfg.ae_stage, stage="autoencoder", run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")))
-    ae = train(ae_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
+    ae = train(ae_cfg, **flags)
     if ae.interrupted is not None:
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
     lm_run = replace(cfg.lm_stage.run, out_dir=str(out / "calm"))
     lm_cfg = replace(cfg.lm_stage, stage="calm", autoencoder_path=str(ae.run_dir), run=lm_run)
-    lm = train(lm_cfg, resume=resume, fallback=fallback, overwrite=overwrite)
-    result = {"autoencoder": ae.run_dir, "calm": lm.run_dir}
+    lm = train(lm_cfg, **flags)
+    result, spent = {"autoencoder": ae.run_dir, "calm": lm.run_dir}, ae.metrics.get("train_flops", 0.0)
+    runs = {f"CALM (autoencoder + CALM: {spent + lm.metrics.get('train_flops', 0.0):.2e} training FLOPs)": lm.run_dir}
+    if cfg.compare and lm.interrupted is None:  # the baseline on the same tokenizer, to the same training FLOPs
+        spent += lm.metrics["train_flops"]
+        data = replace(cfg.ar_stage.data, tokenizer=str(ae.run_dir / "tokenizer.json"))
+        run = cfg.ar_stage.run
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tokens = run.batch_size * run.grad_accum * world * data.block_len
+        vocab = TextTokenizer.load(data.tokenizer).vocab_size
+        per_token = build_model(cfg.ar_stage, vocab).flops_per_token(data.block_len)["train"]
+        run = replace(run, out_dir=str(out / "baseline"), steps=max(1, round(spent / (per_token * tokens))))
+        ar = train(replace(cfg.ar_stage, stage="ar", data=data, run=run), **flags)
+        result["baseline"] = ar.run_dir
+        if ar.interrupted is not None:
+            return {**result, "interrupted": ar.interrupted}
+        runs[f"Transformer (the same {spent:.2e} training FLOPs)"] = ar.run_dir
     if lm.interrupted is not None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return {**result, "interrupted": lm.interrupted}
-    loaded = load_run(lm.run_dir, device=lm_cfg.run.device)
+    loaded = load_run(lm_run.out_dir, device=lm_cfg.run.device)
     device = next(loaded.model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
     valid = loaded.blocks()
     n = min(len(valid), cfg.eval_blocks)
-    batches = (valid.batch(torch.arange(i, min(n, i + 16))) for i in range(0, n, 16))
-    scores = evaluate_brier_lm(loaded.model, batches, stride=lm_cfg.run.eval_stride, generator=gen)
-    print(format_result(scores, f"\nCALM BrierLM on {n} validation blocks"))
+    batches = [valid.batch(torch.arange(i, min(n, i + 16))) for i in range(0, n, 16)]
+    result["brier_lm"] = {}
+    for (title, run_dir), key in zip(runs.items(), ("calm", "baseline"), strict=False):
+        model = load_run(run_dir, device=lm_cfg.run.device).model
+        gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
+        scores = evaluate_brier_lm(model, batches, stride=lm_cfg.run.eval_stride, generator=gen)
+        print(format_result(scores, f"\n{title}: BrierLM on {n} validation blocks"))
+        result["brier_lm"][key] = scores.brier_lm
+    gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
     prompt = torch.tensor(loaded.tokenizer.encode(cfg.prompt), dtype=torch.long)
     ids = loaded.model.generate(
         [prompt], cfg.sample_tokens, temperature=cfg.temperature, eos_id=loaded.tokenizer.eos_id, generator=gen
     ).tokens[0]
-    text = loaded.tokenizer.decode(ids)
-    print(f"\nSample (T={cfg.temperature}):\n{cfg.prompt}{text}")
-    return {**result, "brier_lm": scores.brier_lm, "sample": text}
+    result["sample"] = loaded.tokenizer.decode(ids)
+    print(f"\nCALM sample (T={cfg.temperature}):\n{cfg.prompt}{result['sample']}")
+    return result
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -436,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"resume": args.resume, "fallback": args.fallback, "overwrite": args.overwrite}
     try:
         if args.stage == "pipeline":
-            base = PipelineConfig(ae_stage=preset(args.preset, "autoencoder"), lm_stage=preset(args.preset, "calm"))
+            stage = {s: preset(args.preset, s) for s in STAGES}
+            base = PipelineConfig(ae_stage=stage["autoencoder"], lm_stage=stage["calm"], ar_stage=stage["ar"])
             cfg = load_config(PipelineConfig, preset=base, file=args.config, overrides=args.overrides)
             interrupted = run_pipeline(cfg, **flags).get("interrupted")
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ import torch
 from calm_models.backbone import BackboneConfig
 from calm_models.baseline import TokenLM, TokenLMConfig
 from calm_models.flops import backbone_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _naive import loop_brier_terms  # noqa: E402  (the per-position reference lives with the benchmarks)
 
 
 def _model(vocab: int = 13, seed: int = 0, dtype=torch.float64, **overrides) -> TokenLM:
@@ -209,16 +214,11 @@ def test_batched_and_loop_reference_agree_with_same_seed():
     tokens = _tokens(11, 3, 12, seed=4)
     pos = torch.tensor([8, 2, 5])  # unsorted on purpose
     a = model.brier_terms(tokens, positions=pos, generator=_gen(9))
-    b = model.brier_terms(tokens, positions=pos, generator=_gen(9), method="loop")
+    b = loop_brier_terms(model, tokens, positions=pos, generator=_gen(9))
     assert torch.equal(a.samples, b.samples)
     torch.testing.assert_close(a.target_prob, b.target_prob, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.sample_prob, b.sample_prob, atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        model.brier_estimates(tokens, positions=pos, generator=_gen(9), method="loop"),
-        model.brier_estimates(tokens, positions=pos, generator=_gen(9)),
-        atol=1e-5,
-        rtol=0,
-    )
+    torch.testing.assert_close(b.estimates(), model.brier_estimates(tokens, positions=pos, generator=_gen(9)))
 
 
 def _exact_brier(model: TokenLM, seq: torch.Tensor, t: int, order: int) -> torch.Tensor:
@@ -246,8 +246,9 @@ def test_brier_estimates_are_unbiased():
         exact = torch.stack([_exact_brier(model, seq, t, 4) for t in range(3)])  # (3, 4)
     # the model is far from uniform, so the check is not trivial
     assert exact[:, 0].max() > 0.2
-    for method, seed in [("batched", 0), ("loop", 1)]:
-        est = model.brier_estimates(rows, generator=_gen(seed), method=method)  # (4000, 3, 4)
+    batched = model.brier_estimates(rows, generator=_gen(0))  # (4000, 3, 4)
+    loop = loop_brier_terms(model, rows, generator=_gen(1)).estimates()
+    for method, est in (("batched", batched), ("loop", loop)):
         mean, se = est.mean(0), est.std(0) / 4000**0.5
         assert (se > 0).all()
         assert ((mean - exact).abs() <= 5 * se).all(), (method, mean, exact, se)
@@ -262,8 +263,6 @@ def test_brier_argument_errors():
         model.brier_estimates(tokens, positions=torch.tensor([5]))
     with pytest.raises(ValueError, match="positions"):
         model.brier_estimates(tokens, positions=torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="batched"):
-        model.brier_estimates(tokens, method="vectorised")
     with pytest.raises(ValueError, match="max_order"):
         model.brier_estimates(tokens, max_order=0)
     with pytest.raises(ValueError, match="tokens must hold ids"):

@@ -47,7 +47,7 @@ def test_evaluate_bad_arguments_are_one_line_errors(runs, capsys, tmp_path):
     cases = [
         ([str(runs["ae"])], "autoencoder run"),
         ([calm, "--stride", "6"], "multiple of the chunk size K=4"),
-        ([calm, "--block-len", "8192"], "at most the model's 256 tokens"),
+        ([calm, "--block-len", "8192"], "at most 256, got 8192"),
         ([calm, "--block-len", "8"], "no evaluation position fits"),
         ([calm, "--out", str(tmp_path / "missing" / "x.json")], "does not exist"),
         (
