@@ -192,11 +192,16 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
 
 
 @torch.no_grad()
+def _eval_block_ids(num_blocks: int, batch: int, batches: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Block ids of this rank's validation batches, spread evenly over the split (not its first files)."""
+    spread = max(1, num_blocks // (batches * world * batch))
+    return [torch.arange(j * batch, (j + 1) * batch) * spread % num_blocks for j in range(rank, batches * world, world)]
+
+
 def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: distributed.DistInfo) -> dict:
     """Validation loss and the stage's metric (reconstruction accuracy or BrierLM), over ranks."""
-    n, b = len(valid), cfg.run.batch_size
-    ids = range(info.rank, cfg.run.eval_batches * info.world_size, info.world_size)
-    batches = [valid.batch(torch.arange(j * b, (j + 1) * b) % n) for j in ids]
+    ids = _eval_block_ids(len(valid), cfg.run.batch_size, cfg.run.eval_batches, info.rank, info.world_size)
+    batches = [valid.batch(i) for i in ids]
     batches = [(t.to(info.device), m.to(info.device)) for t, m in batches]
     was_training = model.training
     model.eval()

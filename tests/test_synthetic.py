@@ -107,6 +107,44 @@ def test_held_out_oracle_on_sampled_text(tiny_language):
             assert diff < 4 * other[f"brier{j}_se"], (j, other, exp)
 
 
+class _Sampler:
+    """A stand-in for CALM's ``sample_continuations`` (positions every 4 tokens): draws from the
+    chain itself, or uniform tokens."""
+
+    def __init__(self, lang, uniform: bool) -> None:
+        self.lang, self.uniform, self.rng = lang, uniform, np.random.default_rng(3)
+
+    def sample_continuations(self, tokens, num_samples, generator=None):
+        blocks, lang = tokens.numpy(), self.lang
+        starts = np.arange(4, blocks.shape[1] - 4 + 1, 4)
+        if self.uniform:
+            draws = self.rng.integers(0, lang.vocab_size, size=(num_samples, len(blocks), len(starts), 4))
+        else:
+            states = lang.state_of(blocks[:, starts[:, None] + np.arange(-lang.order, 0)])  # (b, P)
+            flat = np.tile(states.reshape(-1), num_samples)
+            draws = lang.sample(flat, 4, self.rng).reshape(num_samples, *states.shape, 4)
+        return torch.as_tensor(draws), torch.as_tensor(starts)
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["true-model", "uniform"])
+def test_expected_brier_is_unbiased(tiny_language, uniform):
+    """Samples of the true model score sum P^2 at each state (the oracle); uniform tokens score
+    exactly 2 sum P Q - sum Q^2 = V^-n. Within 4 standard errors (fixed seeds)."""
+    lang = tiny_language
+    rng = np.random.default_rng(2)
+    stream = np.concatenate([np.r_[d, synthetic.EOS_ID] for d in lang.documents(64 * 200, rng)])
+    blocks = torch.as_tensor(stream[: len(stream) // 64 * 64].reshape(-1, 64))
+    result = synthetic.expected_brier(_Sampler(lang, uniform), lang, blocks, stride=8, seed=0, num_samples=8)
+    if uniform:
+        truth = [lang.vocab_size**-n for n in range(1, 5)]
+    else:
+        expected = synthetic.held_out_oracle(lang, blocks.numpy(), stride=8)["expected"]
+        truth = [expected[f"brier{n}"] for n in range(1, 5)]
+    for j in range(4):
+        assert result.brier_se[j] > 0
+        assert abs(result.brier[j] - truth[j]) < 4 * result.brier_se[j], (j, result, truth)
+
+
 def test_languages_have_oracle_between_10_and_30():
     for name in synthetic.LANGUAGES:
         assert 10.0 < synthetic.stationary_oracle(synthetic.make_language(name))["brier_lm"] < 30.0

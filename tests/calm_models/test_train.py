@@ -136,3 +136,16 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     )["step"]
     assert step >= 1
     assert main([*_tiny_args(tmp_path, "run", **{"run.steps": step + 2}), "--resume"]) == 0
+
+
+def test_validation_batches_spread_over_the_split_and_ranks():
+    """In-training evaluation reads blocks from the whole validation split (its first files need
+    not be typical), each block once, and ranks share the batches of one process."""
+    from calm_models.train import _eval_block_ids
+
+    one = torch.cat(_eval_block_ids(1000, batch=4, batches=8, rank=0, world=1))
+    assert one.tolist() == list(range(0, 1000, 31))[:32]
+    two = [torch.cat(_eval_block_ids(1000, batch=4, batches=4, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(torch.cat(two).tolist()) == sorted(one.tolist())
+    small = torch.cat(_eval_block_ids(10, batch=4, batches=4, rank=0, world=1))  # fewer blocks than asked: wraps
+    assert small.tolist() == [i % 10 for i in range(16)]
