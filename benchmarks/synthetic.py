@@ -489,7 +489,7 @@ def expected_brier(
             draws, at = model.sample_continuations(blocks[rows].to(device), num_samples=num_samples, generator=gen)
             keep = torch.as_tensor(np.searchsorted(at.cpu().numpy(), starts))  # the scored positions
             x = draws[:, :, keep].cpu().numpy()  # (S, b, P, n)
-            p = lang.ngram_probs(np.broadcast_to(states[rows.numpy()], x.shape[:-1]).copy(), x).mean(0)  # (b, P, n)
+            p = lang.ngram_probs(np.broadcast_to(states[rows.numpy()], x.shape[:-1]), x).mean(0)  # (b, P, n)
             same = np.cumprod(x[:, None] == x[None, :], axis=-1)  # (S, S, b, P, n): first n tokens equal
             values.append(2.0 * p - (same.sum((0, 1)) - num_samples) / (num_samples * (num_samples - 1)))
     return _result(np.concatenate(values))
@@ -526,6 +526,7 @@ def _tag(tag: str | None, overrides: list[str]) -> str:
 def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
     """Train and evaluate the requested models of one seed; returns their entries and the oracle."""
     run = {"seed": seed, "device": args.device, "num_threads": args.threads, "progress": not args.quiet}
+    lang = make_language(args.language)
     seed_dir, models, blocks = root / f"seed{seed}", {}, None
 
     def finished(run_dir: Path, make) -> dict:
@@ -579,12 +580,11 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
 
         models["calm"] = finished(run_dir, make)
         if args.samples and models["calm"].get("expected", {}).get("samples") != args.samples:
-            lang = make_language(args.language)
             models["calm"]["expected"] = expected_brier_of(
                 run_dir, lang, blocks, args.stride, seed, args.samples, args.device
             )
             (run_dir / "final.json").write_text(json.dumps(models["calm"], indent=2))
-    oracle = held_out_oracle(make_language(args.language), blocks.numpy(), args.stride, seed=seed)
+    oracle = held_out_oracle(lang, blocks.numpy(), args.stride, seed=seed)
     for entry in models.values():
         entry["share"] = share(entry, oracle["expected"])
         if "expected" in entry:

@@ -191,13 +191,13 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
     return replace(cfg, autoencoder=ae.config.autoencoder, data=data), ae.model
 
 
-@torch.no_grad()
 def _eval_block_ids(num_blocks: int, batch: int, batches: int, rank: int, world: int) -> list[torch.Tensor]:
     """Block ids of this rank's validation batches, spread evenly over the split (not its first files)."""
     spread = max(1, num_blocks // (batches * world * batch))
     return [torch.arange(j * batch, (j + 1) * batch) * spread % num_blocks for j in range(rank, batches * world, world)]
 
 
+@torch.no_grad()
 def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: distributed.DistInfo) -> dict:
     """Validation loss and the stage's metric (reconstruction accuracy or BrierLM), over ranks."""
     ids = _eval_block_ids(len(valid), cfg.run.batch_size, cfg.run.eval_batches, info.rank, info.world_size)
