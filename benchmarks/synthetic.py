@@ -478,6 +478,9 @@ def expected_brier(
     ``P``), so its standard error is several times smaller. ``model`` needs
     ``sample_continuations(tokens (b, L), num_samples=S, generator=g) -> (draws (S, b, P', 4),
     starts (P',))`` with the scored positions among ``starts`` (CALM's chunk boundaries).
+
+    A token model (one with ``brier_terms``, :class:`calm_models.baseline.TokenLM`) knows its own
+    ``Q``: each of its ``S`` samples scores ``2 P(x) - Q(x)``, whose expectation is the same.
     """
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -486,6 +489,16 @@ def expected_brier(
     values = []
     with torch.no_grad():
         for rows in torch.arange(len(blocks)).split(32):
+            if hasattr(model, "brier_terms"):
+                total = 0.0
+                for _ in range(num_samples):
+                    terms = model.brier_terms(
+                        blocks[rows].to(device), torch.as_tensor(starts, device=device), generator=gen
+                    )
+                    x = terms.samples.cpu().numpy()  # (b, P, n)
+                    total = total + 2.0 * lang.ngram_probs(states[rows.numpy()], x) - terms.sample_prob.cpu().numpy()
+                values.append(total / num_samples)
+                continue
             draws, at = model.sample_continuations(blocks[rows].to(device), num_samples=num_samples, generator=gen)
             keep = torch.as_tensor(np.searchsorted(at.cpu().numpy(), starts))  # the scored positions
             x = draws[:, :, keep].cpu().numpy()  # (S, b, P, n)
@@ -543,9 +556,12 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
         cfg = stage_config("ar", args.preset, data, seed_dir / ("ar" + (f"-{tag}" if tag else "")), args.ar_set, **run)
         train_once(cfg)
         blocks = eval_blocks(Path(cfg.run.out_dir), args.eval_blocks)
-        models["baseline"] = finished(
-            Path(cfg.run.out_dir), lambda: evaluate(Path(cfg.run.out_dir), {"overrides": args.ar_set})
-        )
+        ar_dir = Path(cfg.run.out_dir)
+        models["baseline"] = finished(ar_dir, lambda: evaluate(ar_dir, {"overrides": args.ar_set}))
+        samples = max(1, args.samples // 4)  # 2 P(x) - Q(x) per sample: fewer samples than CALM need
+        if args.samples and models["baseline"].get("expected", {}).get("samples") != samples:
+            models["baseline"]["expected"] = expected_brier_of(ar_dir, lang, blocks, args.stride, seed, samples)
+            (ar_dir / "final.json").write_text(json.dumps(models["baseline"], indent=2))
     if "calm" in args.models:
         tag = _tag(None, args.ae_set)
         ae_cfg = stage_config(

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 _FRONTIER = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
 
 
@@ -27,7 +29,7 @@ def _load_frontier():
 def test_frontier_runs_end_to_end_resumes_and_reports(tmp_path, capsys):
     frontier = _load_frontier()
     out = tmp_path / "frontier"
-    argv = ["--corpus", "markov1", "--out", str(out), "--only", "ar-S", "calm-k4", "--budget", "4e10"]
+    argv = ["--corpus", "markov1", "--out", str(out), "--only", "ar-S", "calm-k4", "--budget", "4e10", "2e10"]
     argv += ["--ae-scale", "0.01", "--eval-blocks", "4", "--train-tokens", "30000", "--valid-tokens", "3000"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert frontier.main(argv) == 0
@@ -39,8 +41,15 @@ def test_frontier_runs_end_to_end_resumes_and_reports(tmp_path, capsys):
         flops = [p["train_flops"] for p in entry["curve"]]
         assert flops == sorted(flops) and flops[0] > 0
         assert all("brier_lm" in p and p["count"] > 0 for p in entry["curve"])
+        assert all(p["expected"]["brier1_se"] > 0 for p in entry["curve"])  # exact-P estimate
+    assert results["budgets"] == [2e10, 4e10]  # several budgets: taken as given, sorted
     calm = results["runs"]["calm-k4"]["curve"][0]
     assert calm["train_flops"] > results["autoencoders"]["4"]["train_flops"]  # the AE is counted
+    valid = frontier.load_run(out / "markov1" / "ar-S").blocks()  # held-out blocks: spread, first and last
+    full = valid.num_tokens // valid.block_len
+    blocks = frontier.held_out_blocks(out / "markov1" / "ar-S", 4)
+    assert full > 8 and torch.equal(blocks[0], valid.batch(torch.tensor([0])).tokens[0])
+    assert torch.equal(blocks[-1], valid.batch(torch.tensor([full - 1])).tokens[0])
     mtime = (out / "markov1" / "ar-S" / "frontier.json").stat().st_mtime_ns
     assert frontier.main(argv) == 0  # everything finished: nothing is trained again
     assert (out / "markov1" / "ar-S" / "frontier.json").stat().st_mtime_ns == mtime

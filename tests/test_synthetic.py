@@ -12,6 +12,7 @@ import itertools
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,15 +127,32 @@ class _Sampler:
         return torch.as_tensor(draws), torch.as_tensor(starts)
 
 
+class _TokenSampler(_Sampler):
+    """A stand-in for the token baseline's ``brier_terms``: one continuation per position (every
+    token), with its probability under the sampler (the chain's, or ``V^-n``)."""
+
+    def brier_terms(self, tokens, positions, generator=None):
+        draws, starts = self.sample_continuations(tokens, 1, generator)
+        keep = np.searchsorted(starts.numpy(), positions.numpy())
+        x = draws[0][:, keep].numpy()  # (b, P, n)
+        if self.uniform:
+            q = np.broadcast_to(float(self.lang.vocab_size) ** -np.arange(1, 5), x.shape)
+        else:
+            states = self.lang.state_of(tokens.numpy()[:, positions.numpy()[:, None] + np.arange(-self.lang.order, 0)])
+            q = self.lang.ngram_probs(states, x)
+        return SimpleNamespace(samples=torch.as_tensor(x), sample_prob=torch.as_tensor(q.copy()))
+
+
+@pytest.mark.parametrize("sampler", [_Sampler, _TokenSampler], ids=["samples", "token-model"])
 @pytest.mark.parametrize("uniform", [False, True], ids=["true-model", "uniform"])
-def test_expected_brier_is_unbiased(tiny_language, uniform):
+def test_expected_brier_is_unbiased(tiny_language, uniform, sampler):
     """Samples of the true model score sum P^2 at each state (the oracle); uniform tokens score
     exactly 2 sum P Q - sum Q^2 = V^-n. Within 4 standard errors (fixed seeds)."""
     lang = tiny_language
     rng = np.random.default_rng(2)
     stream = np.concatenate([np.r_[d, synthetic.EOS_ID] for d in lang.documents(64 * 200, rng)])
     blocks = torch.as_tensor(stream[: len(stream) // 64 * 64].reshape(-1, 64))
-    result = synthetic.expected_brier(_Sampler(lang, uniform), lang, blocks, stride=8, seed=0, num_samples=8)
+    result = synthetic.expected_brier(sampler(lang, uniform), lang, blocks, stride=8, seed=0, num_samples=8)
     if uniform:
         truth = [lang.vocab_size**-n for n in range(1, 5)]
     else:
