@@ -298,6 +298,7 @@ def render(all_results: dict[str, dict], command: str) -> str:
 def plots(all_results: dict[str, dict], out: Path) -> None:
     """``brier_vs_train_flops.png`` and ``brier_vs_inference_flops.png``: one panel per corpus."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -321,6 +322,9 @@ def plots(all_results: dict[str, dict], out: Path) -> None:
             if res.get("oracle"):
                 ax.axhline(res["oracle"]["brier_lm"], color="grey", lw=0.8, ls=":", label="true model")
             ax.set(xscale="log", title=corpus, ylabel="BrierLM (held out)")
+            if kind == "train":  # the budgets as ticks: log-scale minor labels overlap on a short range
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_xticks(res["budgets"], [f"{b:.1e}" for b in res["budgets"]])
             ax.set_xlabel(
                 "training FLOPs (CALM: autoencoder included)" if kind == "train" else "inference FLOPs per token"
             )
