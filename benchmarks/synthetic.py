@@ -551,6 +551,12 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
     def evaluate(run_dir: Path, extra: dict) -> dict:
         return {**extra, **run_flops(run_dir), **brier_of(run_dir, blocks, args.stride, seed, args.device)}
 
+    def with_expected(run_dir: Path, entry: dict, samples: int) -> None:
+        """Add (once per sample count) the exact-P estimate to ``entry`` and its ``final.json``."""
+        if args.samples and entry.get("expected", {}).get("samples") != samples:
+            entry["expected"] = expected_brier_of(run_dir, lang, blocks, args.stride, seed, samples, args.device)
+            (run_dir / "final.json").write_text(json.dumps(entry, indent=2))
+
     if "ar" in args.models:
         tag = _tag(None, args.ar_set)
         cfg = stage_config("ar", args.preset, data, seed_dir / ("ar" + (f"-{tag}" if tag else "")), args.ar_set, **run)
@@ -558,10 +564,8 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
         blocks = eval_blocks(Path(cfg.run.out_dir), args.eval_blocks)
         ar_dir = Path(cfg.run.out_dir)
         models["baseline"] = finished(ar_dir, lambda: evaluate(ar_dir, {"overrides": args.ar_set}))
-        samples = max(1, args.samples // 4)  # 2 P(x) - Q(x) per sample: fewer samples than CALM need
-        if args.samples and models["baseline"].get("expected", {}).get("samples") != samples:
-            models["baseline"]["expected"] = expected_brier_of(ar_dir, lang, blocks, args.stride, seed, samples)
-            (ar_dir / "final.json").write_text(json.dumps(models["baseline"], indent=2))
+        # 2 P(x) - Q(x) per sample: fewer samples than CALM need
+        with_expected(ar_dir, models["baseline"], max(1, args.samples // 4))
     if "calm" in args.models:
         tag = _tag(None, args.ae_set)
         ae_cfg = stage_config(
@@ -595,11 +599,7 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
             return entry
 
         models["calm"] = finished(run_dir, make)
-        if args.samples and models["calm"].get("expected", {}).get("samples") != args.samples:
-            models["calm"]["expected"] = expected_brier_of(
-                run_dir, lang, blocks, args.stride, seed, args.samples, args.device
-            )
-            (run_dir / "final.json").write_text(json.dumps(models["calm"], indent=2))
+        with_expected(run_dir, models["calm"], args.samples)
     oracle = held_out_oracle(lang, blocks.numpy(), args.stride, seed=seed)
     for entry in models.values():
         entry["share"] = share(entry, oracle["expected"])
