@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from calm_models.baseline import BrierTerms, TokenLM, _sample_with_logprob
-from calm_models.protocol import check_positions, target_logprobs
+from calm_models.baseline import BrierTerms, TokenLM
+from calm_models.sampling import check_positions, sample_with_logprob, target_logprobs
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def loop_brier_terms(
         if cache is not None:
             cache.crop(end_list[i] + 1)
         for j in range(n):
-            x, lp = _sample_with_logprob(step_logits, u[:, i, j])
+            x, lp = sample_with_logprob(step_logits, u[:, i, j])
             samples[:, i, j], sample_lp[:, i, j] = x, lp
             if j + 1 < n:
                 step_logits = model(x[:, None], cache=cache)[:, 0]

@@ -52,7 +52,7 @@ from calm_models import checkpoint as ckpt  # noqa: E402
 from calm_models.autoencoder import robustness_table  # noqa: E402
 from calm_models.config import BackboneConfig, preset  # noqa: E402
 from calm_models.data import prepare_data  # noqa: E402
-from calm_models.evaluate import evaluate_brier_lm  # noqa: E402
+from calm_models.evaluate import held_out_batches, score_run  # noqa: E402
 from calm_models.runs import build_model, load_run  # noqa: E402
 from calm_models.train import train  # noqa: E402
 
@@ -136,10 +136,7 @@ def held_out_blocks(run_dir: Path, max_blocks: int) -> torch.Tensor:
 
     Not the first blocks: on ``stdlib`` the first held-out files are much harder than the rest
     (the token baseline's BrierLM on them was a fifth of that on the whole split)."""
-    valid = load_run(run_dir).blocks()
-    full = valid.num_tokens // valid.block_len
-    ids = torch.linspace(0, full - 1, min(full, max_blocks)).round().long()
-    return valid.batch(ids).tokens
+    return torch.cat([b.tokens for b in held_out_batches(load_run(run_dir).blocks(), max_blocks, 256)])
 
 
 def brier(checkpoint: Path, blocks: torch.Tensor, args, lang=None) -> dict:
@@ -147,9 +144,9 @@ def brier(checkpoint: Path, blocks: torch.Tensor, args, lang=None) -> dict:
     of the same quantity under ``"expected"`` (:func:`synthetic.expected_brier`: every model's 4
     samples per position scored with the true probabilities; about half the two-sample SE at twice
     its cost: CALM K = 1 rolls out four chunks per sample)."""
-    model = load_run(checkpoint, device=args.device).model
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    out = evaluate_brier_lm(model, list(blocks.split(32)), stride=STRIDE, generator=gen).to_dict()
+    run = load_run(checkpoint, device=args.device)
+    out = score_run(run, list(blocks.split(32)), stride=STRIDE, seed=args.seed).to_dict()
+    model = run.model
     if lang is not None:
         result = synthetic.expected_brier(model, lang, blocks, STRIDE, args.seed, num_samples=4)
         out["expected"] = {**result.to_dict(), "samples": 4}

@@ -42,7 +42,6 @@ def _models(tiny: bool) -> dict[str, torch.nn.Module]:
             autoencoder=replace(cfg.autoencoder, vocab_size=512, hidden_size=64, latent_size=16),
             calm=replace(cfg.calm, backbone=backbone, head=HeadConfig(hidden_size=64, num_blocks=1)),
             baseline=backbone,
-            autoencoder_path="-",
         )
     calm = build_model(cfg, cfg.autoencoder.vocab_size)
     ar = build_model(replace(cfg, stage="ar"), cfg.autoencoder.vocab_size)

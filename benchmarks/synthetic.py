@@ -444,22 +444,20 @@ def run_flops(run_dir: Path) -> dict:
 
 
 def eval_blocks(run_dir: Path, max_blocks: int) -> torch.Tensor:
-    """The first ``max_blocks`` *full* validation blocks of a run (the padded tail is not text of
-    the language)."""
+    """The run's held-out validation blocks ``(b, L)``, chosen by the project's one rule
+    (:func:`calm_models.evaluate.held_out_batches`: whole blocks only, since the padded tail is
+    not text of the language; all of them with the default ``max_blocks``)."""
+    from calm_models.evaluate import held_out_batches
     from calm_models.runs import load_run
 
-    valid = load_run(run_dir).blocks()
-    return valid.batch(torch.arange(min(valid.num_tokens // valid.block_len, max_blocks))).tokens  # (b, L)
+    return torch.cat([b.tokens for b in held_out_batches(load_run(run_dir).blocks(), max_blocks, 256)])
 
 
 def brier_of(run_dir: Path, blocks: torch.Tensor, stride: int, seed: int, device: str = "cpu") -> dict:
     """BrierLM with standard errors of a run's model on ``blocks`` (positions every ``stride``)."""
-    from calm_models.evaluate import evaluate_brier_lm
-    from calm_models.runs import load_run
+    from calm_models.evaluate import score_run
 
-    model = load_run(run_dir, device=device).model
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    return evaluate_brier_lm(model, list(blocks.split(32)), stride=stride, generator=gen).to_dict()
+    return score_run(run_dir, list(blocks.split(32)), stride=stride, seed=seed, device=device).to_dict()
 
 
 def expected_brier(
@@ -600,6 +598,31 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
 
         models["calm"] = finished(run_dir, make)
         with_expected(run_dir, models["calm"], args.samples)
+    if "distill" in args.models:  # a one-step student of a trained CALM variant (--teacher TAG)
+        teacher_dir = seed_dir / f"calm-{args.teacher}"
+        teacher = json.loads((teacher_dir / "final.json").read_text())
+        tag = _tag(args.tag, args.distill_set)
+        cfg = stage_config(
+            "distill",
+            args.preset,
+            data,
+            seed_dir / (f"distill-{args.teacher}" + (f"-{tag}" if tag else "")),
+            [*args.distill_set, f"teacher_path={teacher_dir}"],
+            **run,
+        )
+        train_once(cfg)
+        run_dir = Path(cfg.run.out_dir)
+        blocks = eval_blocks(run_dir, args.eval_blocks) if blocks is None else blocks
+
+        def make_student() -> dict:
+            entry = evaluate(run_dir, {"overrides": args.distill_set, "teacher": args.teacher})
+            entry.update(teacher_train_flops=teacher["train_flops"], teacher_time_s=teacher["time_s"])
+            entry.update(ae_time_s=teacher.get("ae_time_s", 0.0), distill_train_flops=entry["train_flops"])
+            entry["train_flops"] += teacher["train_flops"]
+            return entry
+
+        models["distill"] = finished(run_dir, make_student)
+        with_expected(run_dir, models["distill"], args.samples)
     oracle = held_out_oracle(lang, blocks.numpy(), args.stride, seed=seed)
     for entry in models.values():
         entry["share"] = share(entry, oracle["expected"])
@@ -647,9 +670,9 @@ def render(results: dict) -> str:
                 f"| {label} | {run['seed']} | | | | {cells} | {_pm(r['brier_lm'], r['brier_lm_se'], 2)} | {ratio:.3f} |"
             )
         for name, e in run["models"].items():
-            label = ("token baseline" if name == "baseline" else "CALM K=4") + (
-                f" ({', '.join(e['overrides'])})" if e.get("overrides") else ""
-            )
+            label = {"baseline": "token baseline", "distill": f"CALM K=4 distilled from {e.get('teacher')}"}.get(
+                name, "CALM K=4"
+            ) + (f" ({', '.join(e['overrides'])})" if e.get("overrides") else "")
             s, minutes = e["share"], (e["time_s"] + e.get("ae_time_s", 0.0)) / 60
             steps = f"{e['steps']}" + (f" (+{e['ae_steps']} AE)" if "ae_steps" in e else "")
             cells = " | ".join(
@@ -686,11 +709,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed(s)")
     parser.add_argument("--out", type=Path, default=Path("runs/synthetic"))
-    parser.add_argument("--models", nargs="+", default=["ar", "calm"], choices=["ar", "calm"])
+    parser.add_argument("--models", nargs="+", default=["ar", "calm"], choices=["ar", "calm", "distill"])
     parser.add_argument("--ar-set", nargs="*", default=[], help="dotted overrides of the ar stage")
     parser.add_argument("--ae-set", nargs="*", default=[], help="overrides of the autoencoder stage")
     parser.add_argument("--calm-set", nargs="*", default=[], help="overrides of the calm stage")
     parser.add_argument("--tag", default=None, help="name of the CALM variant (default: a hash of --calm-set)")
+    parser.add_argument("--teacher", default=None, help="distill: the tag of the trained CALM variant that teaches")
+    parser.add_argument("--distill-set", nargs="*", default=[], help="overrides of the distill stage")
     parser.add_argument("--train-tokens", type=int, default=4_000_000)
     parser.add_argument("--valid-tokens", type=int, default=200_000)
     parser.add_argument("--eval-blocks", type=int, default=4096)
@@ -704,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from calm_models.config import ConfigError, preset
 
+    if "distill" in args.models and not args.teacher:
+        parser.error("--models distill needs --teacher TAG (a CALM variant trained with --tag TAG)")
     root = args.out / args.language
     data = write_data(args.language, root / "data", args.train_tokens, args.valid_tokens)
     lang = make_language(args.language)
@@ -727,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         "stationary_oracle": stationary_oracle(lang),
         "runs": runs,
     }
-    tag = _tag(args.tag, args.calm_set)
+    tag = _tag(args.tag, args.distill_set if args.models == ["distill"] else args.calm_set)
+    tag = f"distill-{args.teacher}" + (f"-{tag}" if tag else "") if args.models == ["distill"] else tag
     name = "results" + (f"-{tag}" if tag else "")
     (root / f"{name}.json").write_text(json.dumps(results, indent=2))
     text = render(results)

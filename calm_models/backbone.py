@@ -199,7 +199,9 @@ class _Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (b, t, h)
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
+    """One pre-norm decoder layer, ``x + attn(norm(x))`` then ``x + SwiGLU(norm(x))``: the unit FSDP shards."""
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -231,7 +233,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(_Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         for name, module in self.named_modules():

@@ -20,7 +20,8 @@ from calm_models import flops
 from calm_models._layers import check_int, check_tokens, masked_cross_entropy
 from calm_models.backbone import Backbone, KVCache, padded_causal_mask
 from calm_models.config import TokenLMConfig
-from calm_models.protocol import Generation, check_positions, left_pad, target_logprobs
+from calm_models.protocol import Generation
+from calm_models.sampling import check_positions, left_pad, sample_next, sample_with_logprob, target_logprobs
 
 
 class BrierTerms(NamedTuple):
@@ -181,7 +182,7 @@ class TokenLM(nn.Module):
         mask = torch.cat([prefix, own], dim=1)[None, None]  # (1, 1, P, L + (n-1)P)
         logits, samples, sample_lp = start, [], []
         for j in range(n):
-            x, lp = _sample_with_logprob(logits, u[..., j])  # (b, P) each
+            x, lp = sample_with_logprob(logits, u[..., j])  # (b, P) each
             samples.append(x)
             sample_lp.append(lp)
             if j + 1 < n:
@@ -245,7 +246,7 @@ class TokenLM(nn.Module):
             logits = self(
                 seq[active, start:end], position_ids=position_ids[active, start:end], attn_mask=mask, cache=cache
             )[:, -1]  # (a, V)
-            nxt = _sample_next(logits.to(work), temperature, top_k, u[active])
+            nxt = sample_next(logits.to(work), temperature, top_k, u[active])
             seq[active, end] = nxt
             if eos_id is not None:
                 done = nxt == eos_id
@@ -259,39 +260,3 @@ class TokenLM(nn.Module):
                         cache.select(keep)
         out = seq[:, prompt_len:]
         return Generation([out[i, :n] for i, n in enumerate(num_generated.tolist())], 0, step + 1)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample ``x`` with ``P(x = k) ∝ probs[..., k]`` from uniforms ``u`` in ``[0, 1)``: ``(..., V), (...) -> (...)``.
-
-    The block of ``~sqrt(V)`` tokens comes from cumulative block sums, then the token from the
-    cumulative sum inside it (no slow cumsum over all ``V``); zero-probability tokens are never chosen.
-    """
-    vocab = probs.shape[-1]
-    width = math.isqrt(vocab - 1) + 1  # ceil(sqrt(V))
-    num_blocks = -(-vocab // width)
-    probs = F.pad(probs, (0, num_blocks * width - vocab))
-    blocks = probs.unflatten(-1, (num_blocks, width))  # (..., B, width)
-    block_cdf = blocks.sum(-1).cumsum(-1)  # (..., B)
-    target = u * block_cdf[..., -1]
-    j = (block_cdf <= target[..., None]).sum(-1).clamp_(max=num_blocks - 1)
-    before = torch.where(j > 0, block_cdf.gather(-1, (j - 1).clamp(min=0)[..., None])[..., 0], 0)
-    inner = blocks.gather(-2, j[..., None, None].expand(*j.shape, 1, width))[..., 0, :].cumsum(-1)
-    rest = torch.minimum(target - before, torch.nextafter(inner[..., -1], inner.new_zeros(())))
-    return j * width + (inner <= rest[..., None]).sum(-1)
-
-
-def _sample_with_logprob(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample from ``softmax(logits)`` (in ``u.dtype``) and return ``(x, log P(x))``."""
-    probs = logits.to(u.dtype).softmax(-1)
-    x = _inverse_cdf(probs, u)
-    return x, probs.gather(-1, x[..., None]).squeeze(-1).log()
-
-
-def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits (a, V)`` with uniforms ``u (a,)``."""
-    if top_k is not None:
-        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
-    if temperature == 0:
-        return logits.argmax(-1)
-    return _inverse_cdf((logits / temperature).softmax(-1), u)

@@ -53,7 +53,8 @@ from torch import nn
 
 from calm_models._layers import atomic_write
 from calm_models.config import config_to_dict, diff_configs, flatten_config
-from calm_models.distributed import _initialized, barrier
+from calm_models.distributed import barrier, is_initialized
+from calm_models.errors import CalmError
 
 FORMAT_VERSION = 2
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = ("model.safetensors", "train_state.pt", "config.yaml", "meta.json")
@@ -62,7 +63,7 @@ _TRANSIENT = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 _AUTO_NAME = re.compile(r"^step_\d+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CalmError, RuntimeError):
     """A checkpoint cannot be found, read, verified or applied (a one-line message)."""
 
     def __init__(self, message: str) -> None:
@@ -343,7 +344,7 @@ def save_checkpoint(
     optim = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
     root = Path(run_dir) / "checkpoints"
     final = root / name
-    if _initialized() and torch.distributed.get_rank() != 0:
+    if is_initialized() and torch.distributed.get_rank() != 0:
         barrier()
         return final
     try:

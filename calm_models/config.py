@@ -31,19 +31,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from calm_models.errors import CalmError
+
 #: Stages of :func:`calm_models.train.train`.
-STAGES = ("autoencoder", "calm", "ar")
+STAGES = ("autoencoder", "calm", "ar", "distill")
 HEAD_TYPES = ("energy", "energy_mlp", "flow", "diffusion")
 _BUILTIN_OPTIMIZERS = ("adamw", "adam", "sgd")
-# Optimisers of the torch-optimizer package (checked here so that a typo fails before training).
-_TORCH_OPTIMIZER_NAMES = frozenset(
-    "a2gradexp a2gradinc a2graduni accsgd adabelief adabound adafactor adahessian adamod adamp "
-    "aggmo apollo diffgrad lamb lars madgrad novograd pid qhadam qhm radam ranger rangerqh "
-    "rangerva sgdp sgdw shampoo swats yogi".split()
-)
 
 
-class ConfigError(ValueError):
+class ConfigError(CalmError, ValueError):
     """A configuration value, key, file or override is invalid (a one-line message)."""
 
 
@@ -307,6 +303,49 @@ class TokenLMConfig:
         _ints(self, 2, "vocab_size")
 
 
+@dataclass
+class DistillConfig:
+    """The ``distill`` stage: a one-step head learns from a trained multi-step head (:mod:`calm_models.distill`).
+
+    The student is a CALM with an energy head (``calm``); the teacher is the CALM run at ``teacher_path`` (a flow or
+    diffusion head), on the same autoencoder.
+
+    Attributes:
+        loss: ``"energy"``: the energy score of the student's ``N`` samples against ``teacher_draws`` teacher samples
+            per position (and the real targets, ``real_weight``); ``"coupled"``: the student's sample for noise ``u``
+            regresses the teacher's deterministic sample from the same noise (``x0 = Phi^-1(u + 1/2)``; needs
+            ``calm.head.noise_size`` = the latent size and a flow teacher or DDIM with ``eta = 0``), plus
+            ``energy_weight`` times the energy loss.
+        teacher_draws: Teacher samples per position used as energy-score targets.
+        teacher_steps: Sampler steps of the teacher (``None``: its own configuration).
+        real_weight: Share of the real targets (posterior draws of the observed chunk) in the energy score's target
+            distribution, in ``[0, 1]``; 0 uses the teacher's samples only.
+        energy_weight: ``loss="coupled"``: weight of the energy loss added to the regression (0: none).
+        backbone: ``"frozen"`` (the teacher's embedding, compression and backbone, not trained: only the head
+            learns), ``"finetune"`` (the teacher's, trained on) or ``"scratch"`` (a fresh trunk, trained).
+
+    Example:
+        >>> DistillConfig(loss="kl")
+        Traceback (most recent call last):
+        ...
+        ValueError: loss must be one of ('energy', 'coupled'), got 'kl'
+    """
+
+    loss: str = "energy"
+    teacher_draws: int = 16
+    teacher_steps: int | None = None
+    real_weight: float = 0.0
+    energy_weight: float = 0.0
+    backbone: str = "frozen"
+
+    def __post_init__(self) -> None:
+        _choice(self, "loss", ("energy", "coupled"))
+        _choice(self, "backbone", ("frozen", "finetune", "scratch"))
+        _ints(self, 1, "teacher_draws", "teacher_steps")
+        _interval(self, 0, 1, "real_weight", closed="[]")
+        _interval(self, 0, math.inf, "energy_weight")
+
+
 # -------------------------------------------------------------------------- data and training
 
 
@@ -367,7 +406,7 @@ class OptimConfig:
     """The optimiser (:func:`calm_models.optim.build_optimizer`).
 
     Attributes:
-        name: ``adamw``, ``adam``, ``sgd`` or any ``torch-optimizer`` name (``lamb``, ...).
+        name: ``adamw``, ``adam``, ``sgd`` or a dotted class path (``torch.optim.RAdam``, ``torch_optimizer.Lamb``).
         lr: Peak learning rate.
         betas: Adam ``(beta1, beta2)``.
         weight_decay: Decoupled weight decay of matrices (not of biases, norms, embeddings).
@@ -387,9 +426,12 @@ class OptimConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        known = self.name.lower() in _BUILTIN_OPTIMIZERS or self.name.lower() in _TORCH_OPTIMIZER_NAMES
-        valid = f"{', '.join(_BUILTIN_OPTIMIZERS)} or a torch-optimizer name such as 'lamb'"
-        _need(known, f"name: unknown optimizer {self.name!r}; valid names: {valid}")
+        name = self.name
+        _need(
+            name.lower() in _BUILTIN_OPTIMIZERS or "." in name.strip("."),
+            f"name: unknown optimizer {name!r}; use {', '.join(_BUILTIN_OPTIMIZERS)} or a dotted class path such as "
+            "torch.optim.RAdam (torch-optimizer names moved: 'lamb' is now torch_optimizer.Lamb)",
+        )
         _interval(self, 0, math.inf, "lr", closed="()")
         betas = tuple(self.betas)
         _need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must lie in [0, 1), got {betas}")
@@ -479,11 +521,15 @@ class TrainConfig:
     """Everything one stage needs; the other stages ignore the sections they do not use.
 
     Attributes:
-        stage: ``autoencoder``, ``calm`` or ``ar`` (the token baseline).
+        stage: ``autoencoder``, ``calm``, ``ar`` (the token baseline) or ``distill`` (a one-step head from a teacher).
         data: Corpus, tokenizer and blocks.
         autoencoder: Autoencoder architecture (``vocab_size`` comes from the tokenizer).
-        autoencoder_path: ``calm`` stage: the trained autoencoder's run or checkpoint.
+        autoencoder_path: ``calm`` stage: the trained autoencoder's run or checkpoint; ``distill``: optional, must be
+            the teacher's autoencoder.
+        teacher_path: ``distill`` stage: the trained CALM run whose head teaches (its autoencoder and tokenizer are
+            used).
         calm: CALM backbone, head and energy-loss targets.
+        distill: The ``distill`` stage's loss and teacher settings.
         baseline: Backbone of the token baseline.
         optim: Optimiser.
         schedule: Learning-rate schedule.
@@ -494,7 +540,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     autoencoder_path: str | None = None
+    teacher_path: str | None = None
     calm: CALMConfig = field(default_factory=CALMConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     baseline: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -504,8 +552,10 @@ class TrainConfig:
         _choice(self, "stage", STAGES)
         k = self.chunk_size
         _need(self.data.block_len % k == 0, f"data.block_len={self.data.block_len} must be a multiple of K={k}")
-        if self.stage == "calm":
-            _need(bool(self.autoencoder_path), "autoencoder_path: the calm stage needs a trained autoencoder run")
+        if self.stage == "distill":
+            head = self.calm.head.type
+            _need(head in ("energy", "energy_mlp"), f"calm.head.type must be a one-step head for distill, got {head!r}")
+        if self.stage in ("calm", "distill"):
             _need(self.data.block_len >= 2 * k, f"data.block_len must hold 2 chunks of {k} tokens")
         if self.stage != "autoencoder":
             stride, most = self.run.eval_stride, self.data.block_len - 4
@@ -519,7 +569,10 @@ class TrainConfig:
 
     def model_sections(self) -> list[str]:
         """Sections that define this stage's weights (they must match when resuming)."""
-        return {"autoencoder": ["autoencoder"], "calm": ["autoencoder", "calm"], "ar": ["baseline"]}[self.stage]
+        calm = ["autoencoder", "calm"]
+        return {"autoencoder": ["autoencoder"], "calm": calm, "ar": ["baseline"], "distill": [*calm, "teacher_path"]}[
+            self.stage
+        ]
 
 
 @dataclass
@@ -541,7 +594,7 @@ class PipelineConfig:
 
     out_dir: str = "runs/pipeline"
     ae_stage: TrainConfig = field(default_factory=TrainConfig)
-    lm_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="calm", autoencoder_path="-"))
+    lm_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="calm"))
     ar_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="ar"))
     compare: bool = True
     prompt: str = "def "
@@ -568,14 +621,13 @@ def _tiny(stage: str) -> TrainConfig:
     n = 3_000_000  # bytes of training text (and of the tokenizer's), a tenth of it for validation
     return TrainConfig(
         stage=stage,
-        autoencoder_path="-" if stage == "calm" else None,
         data=DataConfig(
             vocab_size=2048, block_len=64, max_train_bytes=n, max_valid_bytes=n // 10, tokenizer_train_bytes=n
         ),
         autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2, beta=0.5)),
         baseline=backbone,
-        optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3}[stage]),
+        optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3, "distill": 2e-3}[stage]),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=100 if lm else 50),
         run=RunConfig(
             out_dir=f"runs/tiny-{stage}", steps=steps, batch_size=batch, eval_every=every, eval_batches=evals
@@ -600,7 +652,6 @@ def _m(stage: str) -> TrainConfig:
     run_args = dict(steps=250_000, batch_size=8, grad_accum=8, eval_every=2000, eval_batches=32, save_every=2000)
     return TrainConfig(
         stage=stage,
-        autoencoder_path="-" if stage == "calm" else None,
         data=DataConfig(vocab_size=32768, block_len=2048),
         autoencoder=AutoencoderConfig(vocab_size=32768, num_token_layers=2, num_chunk_layers=2),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=1024, num_blocks=4)),

@@ -41,6 +41,7 @@ from calm_models.config import (
     save_config,
 )
 from calm_models.data import DataError, TextTokenizer
+from calm_models.errors import CalmError
 from calm_models.runs import build_model
 
 _MLP = {"mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2"}
@@ -52,7 +53,7 @@ _PROJECTIONS = dict(
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(CalmError, ValueError):
     """A reference checkpoint that cannot be converted exactly (a one-line message)."""
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from calm_models._layers import atomic_write
 from calm_models.config import DataConfig
+from calm_models.errors import CalmError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _WIKI_TITLE = re.compile(r"^ = (?!=)(.*?)(?<!=) = $")  # " = Title = ", not " = 
 _STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
 
-class DataError(ValueError):
+class DataError(CalmError, ValueError):
     """Bad data or data configuration; the message names the file and line, or the field."""
 
 

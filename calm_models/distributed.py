@@ -34,7 +34,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _initialized() -> bool:
+def is_initialized() -> bool:
+    """A process group is running (``torchrun``, or :func:`init_distributed` with several ranks)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -79,12 +80,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         world_size, rank, local_rank = (int(env[n] or d) for n, d in zip(env, (1, 0, 0), strict=True))
     except ValueError:
         raise ValueError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got {env}") from None
-    if _initialized():
+    if is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not _initialized():
+    if world_size > 1 and not is_initialized():
         if dev.type == "mps":
             raise ValueError("multi-process training on MPS is not supported; use device=cpu")
         missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -97,7 +98,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def barrier() -> None:
     """Wait for every process of the default group (no-op without one)."""
-    if _initialized():
+    if is_initialized():
         dist.barrier()
 
 
@@ -109,7 +110,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         tensor([1., 3.])
     """
     out = tensor.detach().clone()
-    if _initialized() and dist.get_world_size() > 1:
+    if is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out = out / dist.get_world_size()
     return out
@@ -117,7 +118,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def cleanup() -> None:
     """Destroy the default process group if one exists."""
-    if _initialized():
+    if is_initialized():
         dist.destroy_process_group()
 
 
@@ -142,7 +143,7 @@ def wrap_model(
     if strategy not in ("ddp", "fsdp", "none"):
         raise ValueError(f"strategy must be one of ddp, fsdp, none, got {strategy!r}")
     model = model.to(info.device)
-    if strategy == "none" or info.world_size == 1 or not _initialized():
+    if strategy == "none" or info.world_size == 1 or not is_initialized():
         return model
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -94,6 +94,15 @@ def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> No
         )
 
 
+def _check_noise(head: nn.Module, noise: object, shape: tuple[int, ...], hidden: torch.Tensor) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or tuple(noise.shape) != shape:
+        got = f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"{type(head).__name__}: noise must be a float tensor {shape}, got {got}")
+    if noise.device != hidden.device:
+        raise ValueError(f"{type(head).__name__}: noise is on {noise.device} but hidden on {hidden.device}")
+    return noise
+
+
 class EnergyHead(nn.Module):
     r"""CALM's energy head: one forward pass from (hidden state, uniform noise) to a latent vector.
 
@@ -130,11 +139,25 @@ class EnergyHead(nn.Module):
             self.mixture = nn.Linear(cond_size, cfg.num_components)
             _init_linears(self.mixture, nn.init.zeros_)
 
-    def sample(self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable)."""
+    def sample(
+        self,
+        hidden: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable).
+
+        ``noise`` ``(n, ..., z)`` in ``[-1/2, 1/2]`` replaces the uniform draws (the distill stage
+        pairs it with a teacher's noise); a mixture still draws its components.
+        """
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
-        eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        if noise is None:
+            eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        else:
+            eps = _check_noise(self, noise, shape, hidden).to(hidden.dtype)
         if self.cfg.num_components > 1:  # component of each draw: j ~ pi, (B, n) -> (n, ...)
             weights = self.mixture(hidden).float().softmax(-1).reshape(-1, self.cfg.num_components)
             j = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
@@ -276,15 +299,21 @@ class NoiseToDataHead(nn.Module):
         generator: torch.Generator | None = None,
         *,
         num_steps: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (no gradient).
 
-        ``num_steps`` overrides the configured number of sampler steps.
+        ``num_steps`` overrides the configured number of sampler steps; ``noise`` ``(n, ..., l)``
+        replaces the standard normal start (with a deterministic sampler, flow or DDIM with
+        ``eta = 0``, the sample is then a function of it).
         """
         _check_inputs(self, hidden)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.latent_size)
-        x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
+        if noise is None:
+            x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
+        else:
+            x = _check_noise(self, noise, shape, hidden).to(acc)
         cond = self.cond_proj(hidden).unsqueeze(0)  # (1, ..., w), reused at every step
         times = self._schedule(self._steps(num_steps))
 

@@ -24,9 +24,16 @@ import torch
 from torch import nn
 
 from calm_models._layers import check_int, check_tokens, masked_cross_entropy
-from calm_models.baseline import _sample_next, _sample_with_logprob
 from calm_models.config import DataConfig, TrainConfig
-from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad, target_logprobs
+from calm_models.protocol import Generation
+from calm_models.sampling import (
+    check_positions,
+    cut_at_eos,
+    left_pad,
+    sample_next,
+    sample_with_logprob,
+    target_logprobs,
+)
 
 
 class HFLanguageModel(nn.Module):
@@ -102,7 +109,7 @@ class HFLanguageModel(nn.Module):
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         past, lps = None, []
         for j in range(u.shape[1]):
-            x, lp = _sample_with_logprob(logits, u[:, j])
+            x, lp = sample_with_logprob(logits, u[:, j])
             lps.append(lp)
             if j + 1 < u.shape[1]:
                 if past is None:  # prefill the prefixes, then one token per step
@@ -136,7 +143,7 @@ class HFLanguageModel(nn.Module):
             pos = (mask.cumsum(1) - 1).clamp_min(0)[:, -inputs.shape[1] :]
             logits, past = self._logits(inputs, mask, past if use_cache else None, pos)
             u = torch.rand(tokens.shape[0], generator=generator, device=device)
-            nxt = _sample_next(logits[:, -1].float(), temperature, None, u)
+            nxt = sample_next(logits[:, -1].float(), temperature, None, u)
             out.append(nxt)
             if eos_id is not None:
                 done |= nxt == eos_id

@@ -25,7 +25,8 @@ from calm_models.autoencoder import Autoencoder
 from calm_models.backbone import Backbone, padded_causal_mask
 from calm_models.config import CALMConfig
 from calm_models.heads import build_head
-from calm_models.protocol import Generation, check_positions, cut_at_eos, left_pad
+from calm_models.protocol import Generation
+from calm_models.sampling import check_positions, cut_at_eos, left_pad
 from likelihood_free.brier import brier_estimate
 from likelihood_free.temperature import batched_temperature_sample, temperature_sample
 

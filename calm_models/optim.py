@@ -1,8 +1,8 @@
 r"""Optimisers and learning-rate schedules from :class:`~calm_models.config.OptimConfig` and
 :class:`~calm_models.config.ScheduleConfig`.
 
-:func:`build_optimizer` makes AdamW, Adam, SGD or any optimiser of the ``torch-optimizer``
-package by name (``"lamb"``, ``"adafactor"``, ...). Given a module, it splits the parameters
+:func:`build_optimizer` makes AdamW, Adam or SGD by name, or any optimiser by its dotted class path
+(``torch.optim.RAdam``, ``torch_optimizer.Lamb``, ...). Given a module, it splits the parameters
 into a **decay** group (matrices, ``ndim >= 2``) and a **no-decay** group (biases, norm gains
 and every parameter of an ``nn.Embedding``, even when tied to an output layer).
 
@@ -35,53 +35,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from calm_models.config import _BUILTIN_OPTIMIZERS, _TORCH_OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
+from calm_models.config import OptimConfig, ScheduleConfig
+
+#: Short names of :func:`build_optimizer`; any other optimiser is given by its dotted class path.
+BUILTIN_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-def _torch_optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
-    """Lower-case name -> optimiser class of ``torch-optimizer`` (ImportError when absent)."""
-    module = importlib.import_module("torch_optimizer")
-    return {
-        name.lower(): obj
-        for name, obj in vars(module).items()
-        if isinstance(obj, type)
-        and issubclass(obj, torch.optim.Optimizer)
-        and obj is not torch.optim.Optimizer
-        and list(inspect.signature(obj.__init__).parameters)[1:2] == ["params"]
-    }
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimiser class of ``name``: ``adamw``, ``adam``, ``sgd``, or a dotted class path such as
+    ``torch.optim.RAdam`` or ``torch_optimizer.Lamb`` (imported here; torchtune's convention).
 
-
-def available_optimizers() -> list[str]:
-    """Names :func:`build_optimizer` accepts here: the built-ins, then ``torch-optimizer``'s.
+    Raises:
+        ValueError: An unknown short name, a path that does not import, or a class that is not an optimiser.
 
     Example:
-        >>> available_optimizers()[:3]
-        ['adamw', 'adam', 'sgd']
+        >>> optimizer_class("adamw").__name__, optimizer_class("torch.optim.RAdam").__name__
+        ('AdamW', 'RAdam')
     """
+    if name.lower() in BUILTIN_OPTIMIZERS:
+        return BUILTIN_OPTIMIZERS[name.lower()]
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        raise ValueError(
+            f"unknown optimizer {name!r}; use {', '.join(BUILTIN_OPTIMIZERS)} or a dotted class path such as "
+            "torch.optim.RAdam or torch_optimizer.Lamb"
+        )
     try:
-        return [*_BUILTIN_OPTIMIZERS, *sorted(_torch_optimizer_registry())]
-    except ImportError:
-        return list(_BUILTIN_OPTIMIZERS)
-
-
-def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    key = name.lower()
-    builtin = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if key in builtin:
-        return builtin[key]
-    try:
-        registry = _torch_optimizer_registry()
-    except ImportError:
-        if key in _TORCH_OPTIMIZER_NAMES:
-            raise ImportError(
-                f"optimizer {name!r} comes from the torch-optimizer package, which is not installed: "
-                "pip install torch-optimizer (or the project's [dev] extra)"
-            ) from None
-        registry = {}
-    if key not in registry:
-        valid = ", ".join([*_BUILTIN_OPTIMIZERS, *sorted(registry)])
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {valid}")
-    return registry[key]
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"optimizer {name!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer {name!r} is not a torch.optim.Optimizer subclass")
+    return cls
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -109,16 +94,15 @@ def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
     constructor takes them, then ``cfg.extra``.
 
     Raises:
-        ValueError: An unknown name (listing the valid ones), an ``extra`` argument the
-            constructor does not take, or no trainable parameter.
-        ImportError: A ``torch-optimizer`` name without that package (how to install it).
+        ValueError: An unknown name or a class path that does not import (:func:`optimizer_class`), an
+            ``extra`` argument the constructor does not take, or no trainable parameter.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2, 2))
         >>> type(build_optimizer([p], OptimConfig(name="sgd", lr=0.1))).__name__
         'SGD'
     """
-    cls = _optimizer_class(cfg.name)
+    cls = optimizer_class(cfg.name)
     signature = inspect.signature(cls.__init__)
     accepts = set(signature.parameters)
     if not isinstance(params_or_model, nn.Module):

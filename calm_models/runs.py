@@ -19,10 +19,11 @@ from calm_models.baseline import TokenLM
 from calm_models.config import ConfigError, TokenLMConfig, TrainConfig, load_config
 from calm_models.data import DataError, PackedBlocks, TextTokenizer, encode_documents, prepare_data, read_documents
 from calm_models.distributed import resolve_device
+from calm_models.errors import CalmError
 from calm_models.model import CALM
 
 
-class RunError(RuntimeError):
+class RunError(CalmError, RuntimeError):
     """A run or checkpoint cannot be turned into a model (a one-line message)."""
 
 
@@ -37,7 +38,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, autoencoder: Autoencoder | No
     if cfg.stage == "ar":
         return TokenLM(TokenLMConfig(vocab_size=vocab_size, backbone=cfg.baseline))
     ae = autoencoder or Autoencoder(replace(cfg.autoencoder, vocab_size=vocab_size))
-    return ae if cfg.stage == "autoencoder" else CALM(cfg.calm, ae)
+    return ae if cfg.stage == "autoencoder" else CALM(cfg.calm, ae)  # calm, distill: a CALM
 
 
 @dataclass

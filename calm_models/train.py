@@ -1,14 +1,16 @@
-"""One training loop for every stage: the autoencoder, CALM and the token baseline.
+"""One training loop for every stage: the autoencoder, CALM, the token baseline and distillation.
 
 Command line::
 
-    python -m calm_models.train STAGE [--preset tiny|small|m] [--config FILE] [--resume]
-        [--fallback] [--overwrite] [key=value ...]
+    python -m calm_models.train STAGE [--preset tiny|small|m] [--config FILE] [--teacher RUN]
+        [--resume] [--fallback] [--overwrite] [key=value ...]
 
-``STAGE`` is ``autoencoder``, ``calm``, ``ar`` (the token baseline) or ``pipeline``
-(autoencoder, then CALM on it, then BrierLM and a generated sample). Settings: defaults < preset
-< file < dotted overrides (:func:`calm_models.config.load_config`). Under ``torchrun`` the loop
-runs data-parallel (DDP, or FSDP with ``run.strategy=fsdp``).
+``STAGE`` is ``autoencoder``, ``calm``, ``ar`` (the token baseline), ``distill`` (a one-step head
+trained on the samples of a trained CALM, ``--teacher RUN``; :mod:`calm_models.distill`) or
+``pipeline`` (autoencoder, then CALM on it, the baseline at the same FLOPs, BrierLM and a
+sample). Settings: defaults < preset < file < dotted overrides
+(:func:`calm_models.config.load_config`). Under ``torchrun`` the loop runs data-parallel (DDP, or
+FSDP with ``run.strategy=fsdp``).
 
 The loop reads top to bottom: claim the run directory -> data -> model -> optimiser -> resume
 -> loop (accumulate, clip, step, log, evaluate, save) -> final save -> final evaluation.
@@ -39,16 +41,18 @@ from tqdm.auto import tqdm
 from calm_models import checkpoint as ckpt
 from calm_models import distributed
 from calm_models.autoencoder import reconstruction_accuracy
-from calm_models.backbone import _Block
+from calm_models.backbone import Block
 from calm_models.config import STAGES, ConfigError, PipelineConfig, TrainConfig, load_config, preset, save_config
 from calm_models.data import BlockLoader, DataError, PackedBlocks, TextTokenizer, prepare_data
-from calm_models.evaluate import evaluate_brier_lm, format_result
+from calm_models.distill import Distiller
+from calm_models.errors import CalmError
+from calm_models.evaluate import evaluate_brier_lm, format_result, held_out_batches, score_run
 from calm_models.metrics import MetricsLogger
 from calm_models.optim import build_optimizer, build_scheduler
 from calm_models.runs import RunError, build_model, load_run
 
 
-class TrainError(RuntimeError):
+class TrainError(CalmError, RuntimeError):
     """Training cannot start or go on (a one-line message)."""
 
 
@@ -104,41 +108,36 @@ class _Signals:
 
 
 class _RunLock:
-    """An exclusive ``flock`` on ``run_dir/.lock`` for the run's life; a dead holder's lock is taken over."""
+    """A :class:`filelock.FileLock` on ``run_dir/.lock`` for the run's life (the OS releases it when its
+    process dies); ``run_dir/.lock.owner`` says who holds it, and a leftover one names the dead holder."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ".lock"
-        self._fh = None
+        from filelock import FileLock
+
+        self.path, self.owner = run_dir / ".lock", run_dir / ".lock.owner"
+        self._lock = FileLock(self.path)
 
     def __enter__(self) -> _RunLock:
-        import fcntl
+        from filelock import Timeout
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")
         try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            holder = self.owner.read_text().strip() if self.owner.exists() else ""
             raise TrainError(
-                f"{self.path.parent} is in use by a running training ({holder}); "
+                f"{self.path.parent} is in use by a running training ({holder or 'another process'}); "
                 "use another run.out_dir or wait for it to finish"
             ) from None
-        self._fh.seek(0)
-        previous = self._fh.read().strip()
+        previous = self.owner.read_text().strip() if self.owner.exists() else ""
         if previous:
             print(f"note: taking over the stale lock of {previous} (that process is gone)", file=sys.stderr)
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._fh.flush()
+        self.owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
-            self._fh.truncate(0)
-            self._fh.close()
+        self.owner.unlink(missing_ok=True)
+        self._lock.release()
 
 
 def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -177,37 +176,210 @@ def _resume_point(run_dir: Path, fallback: bool) -> Path | None:
     return good
 
 
-def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None]:
-    """The CALM stage reads its autoencoder run: its architecture, tokenizer and weights."""
-    if cfg.stage != "calm":
-        return cfg, None
+def _load(path: str | None, key: str, stages: tuple[str, ...], what: str):
+    """The run at ``path`` (the config field ``key``), which must be of one of ``stages``."""
+    if not path:
+        raise TrainError(f"{key}: the stage needs {what}")
     try:
-        ae = load_run(cfg.autoencoder_path, device="cpu")
+        run = load_run(path, device="cpu")
     except RunError as exc:
-        raise TrainError(f"autoencoder_path: {exc}") from None
-    if ae.config.stage != "autoencoder":
-        raise TrainError(f"autoencoder_path={cfg.autoencoder_path} holds a {ae.config.stage} run, not an autoencoder")
-    data = replace(cfg.data, tokenizer=str(ae.run_dir / "tokenizer.json"))
-    return replace(cfg, autoencoder=ae.config.autoencoder, data=data), ae.model
+        raise TrainError(f"{key}: {exc}") from None
+    if run.config.stage not in stages:
+        raise TrainError(f"{key}={path} is a {run.config.stage!r} run, not {what}")
+    return run
 
 
-def _eval_block_ids(num_blocks: int, batch: int, batches: int, rank: int, world: int) -> list[torch.Tensor]:
-    """Block ids of this rank's validation batches, spread evenly over the split (not its first files)."""
-    spread = max(1, num_blocks // (batches * world * batch))
-    return [torch.arange(j * batch, (j + 1) * batch) * spread % num_blocks for j in range(rank, batches * world, world)]
+def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None, nn.Module | None]:
+    """The CALM stage reads its autoencoder run (architecture, tokenizer, weights); the distill stage its teacher.
+
+    Returns the resolved config, the frozen autoencoder and the teacher (or ``None``).
+    """
+    if cfg.stage not in ("calm", "distill"):
+        return cfg, None, None
+    teacher = None
+    if cfg.stage == "distill":
+        teacher = _load(cfg.teacher_path, "teacher_path", ("calm", "distill"), "a trained CALM (the teacher)")
+        ae, ae_cfg, tokenizer = teacher.model.autoencoder, teacher.config.autoencoder, teacher.run_dir
+        if cfg.autoencoder_path:  # given: it must be the teacher's
+            own = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "an autoencoder")
+            theirs = ae.state_dict()
+            same = own.model.state_dict().keys() == theirs.keys() and all(
+                v.shape == theirs[k].shape and torch.equal(v, theirs[k]) for k, v in own.model.state_dict().items()
+            )
+            if not same:
+                raise TrainError(
+                    f"teacher_path={cfg.teacher_path} was trained on another autoencoder than "
+                    f"autoencoder_path={cfg.autoencoder_path}; leave autoencoder_path unset to use the teacher's"
+                )
+        if cfg.distill.backbone != "scratch":  # the student's trunk is a copy of the teacher's
+            trunk = {k: getattr(teacher.config.calm, k) for k in ("backbone", "compress", "compress_ffn_size")}
+            cfg = replace(cfg, calm=replace(cfg.calm, **trunk))
+    else:
+        run = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "a trained autoencoder")
+        ae, ae_cfg, tokenizer = run.model, run.config.autoencoder, run.run_dir
+    data = replace(cfg.data, tokenizer=str(tokenizer / "tokenizer.json"))
+    return replace(cfg, autoencoder=ae_cfg, data=data), ae, teacher and teacher.model
+
+
+@dataclass
+class _Session:
+    """One training run as it goes: what :func:`_setup` builds and the counters :func:`_train_step` advances."""
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    run_dir: Path
+    model: nn.Module  # what is saved and evaluated
+    objective: nn.Module  # what is trained: the model (or the distiller around it), wrapped for DDP/FSDP/compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: BlockLoader
+    valid: PackedBlocks
+    flops_per_token: float
+    tokens_per_step: int
+    logger: MetricsLogger | None = None
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    skipped: int = 0
+    started: float = 0.0  # perf_counter() at step 0 of the whole run (resumed runs count their earlier time)
+
+    @property
+    def main(self) -> bool:
+        return self.info.rank == 0
+
+
+def _setup(cfg: TrainConfig, info: distributed.DistInfo, resume: bool, fallback: bool, show: bool) -> _Session:
+    """Data, model, optimiser and schedule of a claimed run directory; resumed from a checkpoint if asked."""
+    run, run_dir, main_process = cfg.run, Path(cfg.run.out_dir), info.rank == 0
+    cfg, autoencoder, teacher = _stage_config(cfg)
+    if not main_process:  # rank 0 trains the tokenizer and fills the token cache first
+        distributed.barrier()
+    tokenizer, train_blocks, valid = prepare_data(cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=show)
+    if main_process:
+        distributed.barrier()
+    cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
+    loader = BlockLoader(
+        train_blocks, run.batch_size * run.grad_accum, seed=run.seed, rank=info.rank, world_size=info.world_size
+    )
+    model = build_model(cfg, tokenizer.vocab_size, autoencoder).to(info.device)
+    trained = model  # what the objective trains: the model, or the distiller around it
+    if teacher is not None:
+        try:
+            trained = Distiller(model, teacher.to(info.device), cfg.distill)
+        except ValueError as exc:
+            raise TrainError(f"distill: {exc}") from None
+    objective = distributed.wrap_model(_Objective(trained), info, run.strategy, fsdp_modules=(Block,))
+    optimizer = build_optimizer(model, cfg.optim)  # after FSDP replaced the parameters
+    scheduler = build_scheduler(optimizer, cfg.schedule, run.steps)
+    start_from = _resume_point(run_dir, fallback) if resume else None
+    s = _Session(
+        cfg, info, run_dir, model, torch.compile(objective) if run.compile else objective, optimizer, scheduler,
+        loader, valid, trained.flops_per_token(cfg.data.block_len)["train"],
+        run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len,
+    )  # fmt: skip
+    if start_from is not None:
+        state = ckpt.load_checkpoint(start_from, sections=cfg.model_sections(), **_parts(s))
+        s.step, s.tokens, s.elapsed, s.skipped = state["step"], state["tokens"], state["elapsed"], state["skipped"]
+        try:
+            loader.load_state_dict(state["loader"])
+        except (ValueError, KeyError) as exc:
+            raise TrainError(f"cannot resume the data position of {start_from}: {exc}") from None
+        rngs = state["rng"]
+        ckpt.restore_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        if main_process:
+            print(f"resuming from {start_from} (step {s.step})", file=sys.stderr)
+    if main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    resume_step = s.step if start_from is not None else None
+    s.logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard, resume_step=resume_step)
+    s.started = time.perf_counter() - s.elapsed
+    return s
+
+
+def _parts(s: _Session) -> dict:
+    return {"model": s.model, "optimizer": s.optimizer, "scheduler": s.scheduler, "config": s.cfg}
+
+
+def _nonfinite_policy(s: _Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """A non-finite loss or gradient norm: skip the step (counted, logged) up to ``run.max_nonfinite_skips``
+    times, then stop with a one-line :class:`TrainError`; the weights are never touched."""
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.skipped >= s.cfg.run.max_nonfinite_skips:
+        s.logger.close()
+        raise TrainError(
+            f"step {s.step + 1}: non-finite loss ({float(loss):g}) or gradient norm ({float(grad_norm):g}); "
+            f"stopped without saving. The last good checkpoint is {ckpt.latest_checkpoint(s.run_dir) or 'none'}; "
+            "lower optim.lr, or set run.max_nonfinite_skips to skip isolated spikes"
+        )
+    s.skipped += 1
+    s.logger.log({"nonfinite_skips": s.skipped}, step=s.step + 1, split="train")
+
+
+def _train_step(s: _Session, autocast) -> dict:
+    """One optimiser step: accumulate ``run.grad_accum`` micro-batches, clip, apply (or skip); the train record."""
+    run, device, t0 = s.cfg.run, s.info.device, time.perf_counter()
+    tokens, mask = (t.to(device).chunk(run.grad_accum) for t in next(s.loader))  # accum x (b, L)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (tok, msk) in enumerate(zip(tokens, mask, strict=True)):
+        sync = micro == run.grad_accum - 1 or not hasattr(s.objective, "no_sync")
+        with nullcontext() if sync else s.objective.no_sync(), autocast:
+            loss = s.objective(tok, msk)["loss"] / run.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, s.cfg.optim.grad_clip or math.inf)
+    if bool(torch.isfinite(distributed.all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all()):
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+    else:
+        _nonfinite_policy(s, loss_sum, grad_norm)
+    s.scheduler.step()
+    s.step, s.tokens = s.step + 1, s.tokens + s.tokens_per_step
+    s.elapsed = time.perf_counter() - s.started  # wall time of the run, evaluations and saves included
+    record = {"loss": loss_sum, "lr": s.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": s.tokens}
+    tok_s = s.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+    return record | {"tokens_per_s": tok_s, "train_flops": s.flops_per_token * s.tokens, "time_s": s.elapsed}
+
+
+def _log(s: _Session, record: dict, bar: tqdm) -> None:
+    """Write a train record (its loss averaged over ranks) and show it on the progress bar."""
+    record = record | {
+        "loss": float(distributed.all_reduce_mean(record["loss"])),
+        "grad_norm": float(record["grad_norm"]),
+    }
+    s.logger.log(record, step=s.step, split="train")
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+
+
+def _save(s: _Session) -> None:
+    """A checkpoint of this step boundary, with every rank's RNG state (a collective under several ranks)."""
+    rngs = [ckpt.capture_rng_state()] * s.info.world_size
+    if s.info.world_size > 1:
+        torch.distributed.all_gather_object(rngs, rngs[0])
+    counters = {"step": s.step, "tokens": s.tokens, "elapsed": s.elapsed, "skipped": s.skipped}
+    state = {**counters, "loader": s.loader.state_dict(), "rng": rngs}
+    ckpt.save_checkpoint(s.run_dir, step=s.step, train_state=state, keep_last=s.cfg.run.keep_last, **_parts(s))
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: distributed.DistInfo) -> dict:
-    """Validation loss and the stage's metric (reconstruction accuracy or BrierLM), over ranks."""
-    ids = _eval_block_ids(len(valid), cfg.run.batch_size, cfg.run.eval_batches, info.rank, info.world_size)
-    batches = [valid.batch(i) for i in ids]
+def _validate(s: _Session) -> dict:
+    """Validation loss and the stage's metric (reconstruction accuracy or BrierLM) over ranks, logged and shown.
+
+    Its randomness comes from its own generator (seeded by the run's seed and the rank), so evaluating
+    does not change the training's random stream.
+    """
+    cfg, info, model = s.cfg, s.info, s.model
+    size, world = cfg.run.batch_size, info.world_size
+    batches = held_out_batches(
+        s.valid, cfg.run.eval_batches * size * world, size, rank=info.rank, world_size=world, equal=True
+    )
     batches = [(t.to(info.device), m.to(info.device)) for t, m in batches]
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)
-    losses = torch.stack([model.loss(t, m)["loss"].float() for t, m in batches])
-    out = {"loss": float(distributed.all_reduce_mean(losses.mean()))}
+    losses = torch.stack([model.loss(t, m, generator=gen)["loss"].float() for t, m in batches])
+    out = {"tokens": s.tokens, "train_flops": s.flops_per_token * s.tokens}
+    out["loss"] = float(distributed.all_reduce_mean(losses.mean()))
     if cfg.stage == "autoencoder":
         for sigma in (0.0, 0.3):
             acc = torch.stack([reconstruction_accuracy(model, t, sigma, gen) for t, _ in batches])
@@ -215,11 +387,30 @@ def _evaluate(model: nn.Module, cfg: TrainConfig, valid: PackedBlocks, info: dis
     else:
         out.update(evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict())
     model.train(was_training)
+    s.logger.log(out, step=s.step, split="valid")
+    if s.main:
+        keys = ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
+        tqdm.write(f"step {s.step} valid: " + ", ".join(f"{k}={out[k]:.4f}" for k in keys if k in out))
     return out
 
 
+def _init_process(cfg: TrainConfig) -> distributed.DistInfo:
+    """Threads, the process group (under ``torchrun``), the seed of the initialisation, a usable ``run.out_dir``."""
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    try:
+        info = distributed.init_distributed(cfg.run.device)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
+    run_dir = Path(cfg.run.out_dir)
+    if info.rank == 0 and run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"run.out_dir={run_dir} is a file, not a directory")
+    return info
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> TrainResult:
-    """Train one stage (the caller's config is not modified).
+    """Train one stage (the caller's config is not modified): setup, then step, evaluate and save until done.
 
     Args:
         cfg: A resolved configuration.
@@ -230,154 +421,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
     Raises:
         TrainError, ConfigError, DataError, CheckpointError: One-line messages.
     """
-    run = cfg.run
-    run_dir = Path(run.out_dir)
-    if run.num_threads:
-        torch.set_num_threads(run.num_threads)
-    try:
-        info = distributed.init_distributed(run.device)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-    main_process = info.rank == 0
-    show_progress = run.progress and main_process
-    torch.manual_seed(run.seed)  # the same initialisation on every rank
-    cfg, autoencoder = _stage_config(cfg)
-    if main_process and run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"run.out_dir={run_dir} is a file, not a directory")
-    with _RunLock(run_dir) if main_process else nullcontext():
-        if main_process:
+    run, run_dir = cfg.run, Path(cfg.run.out_dir)
+    info = _init_process(cfg)
+    with _RunLock(run_dir) if info.rank == 0 else nullcontext():
+        if info.rank == 0:
             _claim(run_dir, resume, overwrite)
-        # -- data: rank 0 trains the tokenizer and fills the token cache first ------------------
-        if not main_process:
-            distributed.barrier()
-        tokenizer, train_blocks, valid_blocks = prepare_data(
-            cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=show_progress
-        )
-        if main_process:
-            distributed.barrier()
-        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
-        loader = BlockLoader(
-            train_blocks, run.batch_size * run.grad_accum, seed=run.seed, rank=info.rank, world_size=info.world_size
-        )
-
-        # -- model, wrapped for data parallelism, then its optimiser ----------------------------
-        model = build_model(cfg, tokenizer.vocab_size, autoencoder).to(info.device)
-        objective = distributed.wrap_model(_Objective(model), info, run.strategy, fsdp_modules=(_Block,))
-        optimizer = build_optimizer(model, cfg.optim)  # after FSDP replaced the parameters
-        scheduler = build_scheduler(optimizer, cfg.schedule, run.steps)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "config": cfg}
-
-        # -- resume ---------------------------------------------------------------------------
-        step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
-        start_from = _resume_point(run_dir, fallback) if resume else None
-        if start_from is not None:
-            state = ckpt.load_checkpoint(start_from, sections=cfg.model_sections(), **parts)
-            step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
-            skipped = state.get("skipped", 0)
-            try:
-                loader.load_state_dict(state["loader"])
-            except (ValueError, KeyError) as exc:
-                raise TrainError(f"cannot resume the data position of {start_from}: {exc}") from None
-            rngs = state["rng"]
-            ckpt.restore_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-            if main_process:
-                print(f"resuming from {start_from} (step {step})", file=sys.stderr)
-        if main_process:
-            save_config(cfg, run_dir / "config.yaml")
-
-        if run.compile:
-            objective = torch.compile(objective)
+        s = _setup(cfg, info, resume, fallback, show=run.progress and info.rank == 0)
         autocast = distributed.autocast_context(info.device, run.precision)
-        resume_step = step if start_from is not None else None
-        logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard, resume_step=resume_step)
-        flops_per_token = model.flops_per_token(cfg.data.block_len)["train"]
-        tokens_per_step = run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len
-
-        def snapshot() -> dict:
-            """The train state at this step boundary, RNG states of every rank included."""
-            rngs = [ckpt.capture_rng_state()] * info.world_size
-            if info.world_size > 1:
-                torch.distributed.all_gather_object(rngs, rngs[0])
-            counters = {"step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped": skipped}
-            return {**counters, "loader": loader.state_dict(), "rng": rngs}
-
-        def save(state: dict) -> None:
-            ckpt.save_checkpoint(run_dir, step=state["step"], train_state=state, keep_last=run.keep_last, **parts)
-
-        def evaluate() -> dict:
-            """Validation metrics, logged and shown."""
-            metrics = {"tokens": tokens_seen, "train_flops": flops_per_token * tokens_seen}
-            metrics |= _evaluate(model, cfg, valid_blocks, info)
-            logger.log(metrics, step=step, split="valid")
-            if main_process:
-                keys = ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
-                tqdm.write(f"step {step} valid: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
-            return metrics
-
-        # -- the loop -------------------------------------------------------------------------
-        bar = tqdm(total=run.steps, initial=step, desc=cfg.stage, dynamic_ncols=True, disable=not show_progress)
-        model.train()
-        t_start = time.perf_counter() - elapsed
-        state = snapshot()
+        bar = tqdm(
+            total=run.steps, initial=s.step, desc=cfg.stage, dynamic_ncols=True, disable=not run.progress or not s.main
+        )
+        s.model.train()
         with _Signals() as signals:
-            while step < run.steps and signals.received is None:
-                if run.max_time_s is not None and time.perf_counter() - t_start >= run.max_time_s:
-                    break
-                t0 = time.perf_counter()
-                tokens, mask = (t.to(info.device).chunk(run.grad_accum) for t in next(loader))  # accum x (b, L)
-                loss_sum = torch.zeros((), device=info.device)
-                for micro, (tok, msk) in enumerate(zip(tokens, mask, strict=True)):
-                    sync = micro == run.grad_accum - 1 or not hasattr(objective, "no_sync")
-                    with nullcontext() if sync else objective.no_sync(), autocast:
-                        loss = objective(tok, msk)["loss"] / run.grad_accum
-                    loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
-                finite = bool(torch.isfinite(distributed.all_reduce_mean(torch.stack([loss_sum, grad_norm]))).all())
-                if not finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    if skipped >= run.max_nonfinite_skips:
-                        logger.close()
-                        raise TrainError(
-                            f"step {step + 1}: non-finite loss ({float(loss_sum):g}) or gradient "
-                            f"norm ({float(grad_norm):g}); stopped without saving. The last good "
-                            f"checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none'}; lower "
-                            "optim.lr, or set run.max_nonfinite_skips to skip isolated spikes"
-                        )
-                    skipped += 1
-                    logger.log({"nonfinite_skips": skipped}, step=step + 1, split="train")
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                tokens_seen += tokens_per_step
-                elapsed = time.perf_counter() - t_start
-                state = snapshot()
-                if step % run.log_every == 0 or step == run.steps:
-                    loss_value = float(distributed.all_reduce_mean(loss_sum))
-                    tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                    lr, flops = scheduler.get_last_lr()[0], flops_per_token * tokens_seen
-                    record = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen}
-                    record |= {"tokens_per_s": tok_s, "train_flops": flops, "time_s": elapsed}
-                    logger.log(record, step=step, split="train")
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
+            while s.step < run.steps and signals.received is None and (run.max_time_s or math.inf) > s.elapsed:
+                record = _train_step(s, autocast)
+                if s.step % run.log_every == 0 or s.step == run.steps:
+                    _log(s, record, bar)
                 bar.update(1)
-                if run.eval_every and step % run.eval_every == 0 and step < run.steps:
-                    evaluate()
-                if run.save_every and step % run.save_every == 0 and step < run.steps:
-                    save(state)
+                if run.eval_every and s.step % run.eval_every == 0 and s.step < run.steps:
+                    _validate(s)
+                if run.save_every and s.step % run.save_every == 0 and s.step < run.steps:
+                    _save(s)
         bar.close()
-        save(state)  # first the final steps, then anything that could fail
+        _save(s)  # first the final steps, then anything that could fail
         if signals.received is not None:
-            if main_process:
-                print(f"interrupted at step {step}: saved {run_dir}", file=sys.stderr)
-            logger.close()
-            return TrainResult(run_dir, step, signals.received)
-        metrics = evaluate()
-        logger.close()
-    return TrainResult(run_dir, step, None, metrics)
+            if s.main:
+                print(f"interrupted at step {s.step}: saved {run_dir}", file=sys.stderr)
+            s.logger.close()
+            return TrainResult(run_dir, s.step, signals.received)
+        metrics = _validate(s)
+        s.logger.close()
+    return TrainResult(run_dir, s.step, None, metrics)
 
 
 def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> dict:
@@ -416,14 +490,12 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
         return {**result, "interrupted": lm.interrupted}
     loaded = load_run(lm_run.out_dir, device=lm_cfg.run.device)
     device = next(loaded.model.parameters()).device
-    valid = loaded.blocks()
-    n = min(len(valid), cfg.eval_blocks)
-    batches = [valid.batch(torch.arange(i, min(n, i + 16))) for i in range(0, n, 16)]
+    batches = held_out_batches(loaded.blocks(), cfg.eval_blocks)
+    n = sum(len(b.tokens) for b in batches)
     result["brier_lm"] = {}
     for (title, run_dir), key in zip(runs.items(), ("calm", "baseline"), strict=False):
-        model = load_run(run_dir, device=lm_cfg.run.device).model
-        gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
-        scores = evaluate_brier_lm(model, batches, stride=lm_cfg.run.eval_stride, generator=gen)
+        score = {"stride": lm_cfg.run.eval_stride, "seed": lm_cfg.run.seed, "device": lm_cfg.run.device}
+        scores = score_run(loaded if run_dir == lm.run_dir else run_dir, batches, **score)
         print(format_result(scores, f"\n{title}: BrierLM on {n} validation blocks"))
         result["brier_lm"][key] = scores.brier_lm
     gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
@@ -444,6 +516,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("stage", choices=(*STAGES, "pipeline"))
     parser.add_argument("--preset", default="tiny", help="tiny, small or m (default tiny)")
     parser.add_argument("--config", default=None, help="YAML or TOML file")
+    parser.add_argument("--teacher", default=None, metavar="RUN", help="distill: the teacher run (teacher_path=RUN)")
     flags = {
         "--resume": "continue from the latest checkpoint",
         "--fallback": "with --resume: take the newest complete checkpoint if the latest is corrupt",
@@ -469,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             stage = [o for o in args.overrides if o.split("=", 1)[0].strip() == "stage"]
             if stage and stage[-1].split("=", 1)[1].strip() != args.stage:
                 raise ConfigError(f"{stage[-1]} conflicts with the stage argument {args.stage!r}")
-            base, overrides = preset(args.preset, args.stage), [*args.overrides, f"stage={args.stage}"]
+            teacher = [f"teacher_path={args.teacher}"] if args.teacher else []
+            base, overrides = preset(args.preset, args.stage), [*teacher, *args.overrides, f"stage={args.stage}"]
             cfg = load_config(TrainConfig, preset=base, file=args.config, overrides=overrides)
             interrupted = train(cfg, **flags).interrupted
     except (ConfigError, DataError, TrainError, RunError, ckpt.CheckpointError) as exc:

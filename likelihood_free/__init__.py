@@ -11,6 +11,8 @@ models:
   from a black-box sampler, the Bernoulli factory behind it, and a vectorised batch approximation.
 """
 
+from importlib import metadata as _metadata
+
 from likelihood_free.brier import BrierLM, BrierLMResult, brier_estimate, brier_lm, brier_score
 from likelihood_free.energy import energy_loss, energy_score, mixture_energy_loss, mixture_energy_score
 from likelihood_free.temperature import (
@@ -42,4 +44,7 @@ __all__ = [
     "TemperatureFallbackWarning",
 ]
 
-__version__ = "0.2.0"
+try:  # the one place the version is written is pyproject.toml
+    __version__ = _metadata.version("likelihood-free")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

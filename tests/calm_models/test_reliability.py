@@ -87,7 +87,7 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
         assert main([*tiny_args(tmp_path, "run", **{"run.steps": 4}), "--resume"]) == 2
         assert "in use by a running training" in _last_error(capsys)
     # the lock of a process that died is taken over, with a note
-    (tmp_path / "run" / ".lock").write_text("pid 999999 on elsewhere")
+    (tmp_path / "run" / ".lock.owner").write_text("pid 999999 on elsewhere")
     assert main([*tiny_args(tmp_path, "run", **{"run.steps": 4}), "--resume"]) == 0
     assert "taking over the stale lock of pid 999999" in capsys.readouterr().err
 
@@ -115,7 +115,7 @@ def test_final_steps_are_saved_before_the_final_evaluation(tmp_path, capsys, mon
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(train, "_evaluate", broken)
+    monkeypatch.setattr(train, "_validate", broken)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         main(tiny_args(tmp_path, "run", **{"run.steps": 3}))
     assert _checkpoints(tmp_path / "run") == ["step_000003"]

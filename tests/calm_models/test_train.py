@@ -30,12 +30,17 @@ def _train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r.get("split") == "train"]
 
 
-@pytest.mark.parametrize("stage", ["ar", "autoencoder"])
+@pytest.mark.parametrize("stage", ["ar", "autoencoder", "calm"])
 def test_resume_continues_exactly(tmp_path, stage):
-    """20 steps straight == 10 steps + resume + 10 steps (weights bit-identical on CPU)."""
-    assert main(_tiny_args(tmp_path, "straight", stage, **{"run.steps": 20})) == 0
-    assert main(_tiny_args(tmp_path, "split", stage, **{"run.steps": 10})) == 0
-    assert main([*_tiny_args(tmp_path, "split", stage, **{"run.steps": 20}), "--resume"]) == 0
+    """20 steps straight == 10 steps + resume + 10 steps (weights bit-identical on CPU), with a
+    validation (its own generator: the training's random stream is unchanged) before each save."""
+    extra = {"run.eval_every": 5, "run.save_every": 5}
+    if stage == "calm":
+        assert main(_tiny_args(tmp_path, "ae", "autoencoder", **{"run.steps": 3})) == 0
+        extra["autoencoder_path"] = tmp_path / "ae"
+    assert main(_tiny_args(tmp_path, "straight", stage, **{"run.steps": 20}, **extra)) == 0
+    assert main(_tiny_args(tmp_path, "split", stage, **{"run.steps": 10}, **extra)) == 0
+    assert main([*_tiny_args(tmp_path, "split", stage, **{"run.steps": 20}, **extra), "--resume"]) == 0
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     assert a.keys() == b.keys()
     for name in a:
@@ -140,12 +145,23 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_validation_batches_spread_over_the_split_and_ranks():
     """In-training evaluation reads blocks from the whole validation split (its first files need
-    not be typical), each block once, and ranks share the batches of one process."""
-    from calm_models.train import _eval_block_ids
+    not be typical) by the one rule of :func:`calm_models.evaluate.held_out_ids`, each block once,
+    and ranks share the batches of one process."""
+    import numpy as np
 
-    one = torch.cat(_eval_block_ids(1000, batch=4, batches=8, rank=0, world=1))
-    assert one.tolist() == list(range(0, 1000, 31))[:32]
-    two = [torch.cat(_eval_block_ids(1000, batch=4, batches=4, rank=r, world=2)) for r in (0, 1)]
-    assert sorted(torch.cat(two).tolist()) == sorted(one.tolist())
-    small = torch.cat(_eval_block_ids(10, batch=4, batches=4, rank=0, world=1))  # fewer blocks than asked: wraps
-    assert small.tolist() == [i % 10 for i in range(16)]
+    from calm_models.data import PackedBlocks
+    from calm_models.evaluate import held_out_batches, held_out_ids
+
+    blocks = PackedBlocks(np.arange(1000 * 4 + 2), block_len=4, chunk_size=4)  # 1000 full blocks, a padded tail
+
+    def ids(**kw):
+        return torch.cat([b.tokens[:, 0] // 4 for b in held_out_batches(blocks, **kw)]).tolist()
+
+    one = ids(max_blocks=32, batch_size=4, equal=True)
+    assert one == held_out_ids(1000, 32).tolist() and one[0] == 0 and one[-1] == 999
+    two = [ids(max_blocks=32, batch_size=4, rank=r, world_size=2, equal=True) for r in (0, 1)]
+    assert sorted(two[0] + two[1]) == sorted(one) and len(two[0]) == len(two[1]) == 16
+    small = PackedBlocks(np.arange(10 * 4), block_len=4, chunk_size=4)  # fewer blocks than asked: repeats
+    got = torch.cat([b.tokens[:, 0] // 4 for b in held_out_batches(small, 16, 4, equal=True)]).tolist()
+    assert got == [i % 10 for i in range(16)]
+    assert ids() == list(range(1000))  # every whole block, in order; the padded tail left out
