@@ -25,7 +25,7 @@ def loop_brier_terms(
     work = torch.float64 if model.embed.weight.dtype == torch.float64 else torch.float32
     u = torch.rand(b, p, n, generator=generator, device=tokens.device, dtype=work)
     cache = model.backbone.new_cache(b, length + n - 1) if n > 1 else None
-    logits = model(tokens, cache=cache)  # (b, L, V)
+    logits = model.logits(tokens, cache=cache)  # (b, L, V)
     target_lp = target_logprobs(logits.to(work), tokens, ends + 1, n)
     samples = torch.empty(b, p, n, dtype=torch.long, device=tokens.device)
     sample_lp = torch.empty(b, p, n, dtype=work, device=tokens.device)
@@ -38,5 +38,5 @@ def loop_brier_terms(
             x, lp = sample_with_logprob(step_logits, u[:, i, j])
             samples[:, i, j], sample_lp[:, i, j] = x, lp
             if j + 1 < n:
-                step_logits = model(x[:, None], cache=cache)[:, 0]
+                step_logits = model.logits(x[:, None], cache=cache)[:, 0]
     return BrierTerms(target_lp.cumsum(-1).exp(), sample_lp.cumsum(-1).exp(), samples)

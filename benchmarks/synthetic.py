@@ -616,8 +616,9 @@ def run_seed(args, data: dict[str, Path], root: Path, seed: int) -> dict:
 
         def make_student() -> dict:
             entry = evaluate(run_dir, {"overrides": args.distill_set, "teacher": args.teacher})
-            entry.update(teacher_train_flops=teacher["train_flops"], teacher_time_s=teacher["time_s"])
-            entry.update(ae_time_s=teacher.get("ae_time_s", 0.0), distill_train_flops=entry["train_flops"])
+            # FLOPs and time include the teacher's (and its autoencoder's): the table's totals
+            entry.update(teacher_train_flops=teacher["train_flops"], distill_train_flops=entry["train_flops"])
+            entry.update(ae_time_s=teacher.get("ae_time_s", 0.0) + teacher["time_s"], ae_steps=teacher["steps"])
             entry["train_flops"] += teacher["train_flops"]
             return entry
 
@@ -674,7 +675,8 @@ def render(results: dict) -> str:
                 name, "CALM K=4"
             ) + (f" ({', '.join(e['overrides'])})" if e.get("overrides") else "")
             s, minutes = e["share"], (e["time_s"] + e.get("ae_time_s", 0.0)) / 60
-            steps = f"{e['steps']}" + (f" (+{e['ae_steps']} AE)" if "ae_steps" in e else "")
+            extra = " teacher" if name == "distill" else " AE"
+            steps = f"{e['steps']}" + (f" (+{e['ae_steps']}{extra})" if "ae_steps" in e else "")
             cells = " | ".join(
                 f"{_pm(e[f'brier{j}'], e[f'brier{j}_se'])} ({100 * s[f'brier{j}']:.0f}%)" for j in range(1, 5)
             )

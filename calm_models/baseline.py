@@ -58,7 +58,7 @@ class TokenLM(nn.Module):
         ...                     num_layers=2, num_heads=4, max_seq_len=64))
         >>> model = TokenLM(cfg)
         >>> tokens = torch.randint(50, (3, 16), generator=torch.Generator().manual_seed(0))
-        >>> model(tokens).shape, sorted(model.loss(tokens))
+        >>> model.logits(tokens).shape, sorted(model(tokens))  # forward is the loss, as for every model
         (torch.Size([3, 16, 50]), ['accuracy', 'loss'])
         >>> model.brier_estimates(tokens).shape
         torch.Size([3, 12, 4])
@@ -92,7 +92,7 @@ class TokenLM(nn.Module):
     def _tokens(self, tokens: object, name: str = "tokens") -> torch.Tensor:
         return check_tokens(tokens, name, vocab_size=self.cfg.vocab_size)
 
-    def forward(
+    def logits(
         self,
         tokens: torch.Tensor,
         *,
@@ -115,9 +115,11 @@ class TokenLM(nn.Module):
         tokens = self._tokens(tokens)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens must have L >= 2, got shape {tuple(tokens.shape)}")
-        logits = self(tokens[:, :-1]).float()  # (b, L-1, V)
+        logits = self.logits(tokens[:, :-1]).float()  # (b, L-1, V)
         ce, accuracy = masked_cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:])
         return {"loss": ce, "accuracy": accuracy}
+
+    forward = loss
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` and ``inference`` FLOPs per token (:func:`calm_models.flops.token_lm_flops`)."""
@@ -148,7 +150,7 @@ class TokenLM(nn.Module):
         work = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
         u = torch.rand(b, p, max_order, generator=generator, device=tokens.device, dtype=work)
         cache = self.backbone.new_cache(b, length + (max_order - 1) * p) if max_order > 1 else None
-        logits = self(tokens, cache=cache)  # (b, L, V)
+        logits = self.logits(tokens, cache=cache)  # (b, L, V)
         target_lp = target_logprobs(logits.to(work), tokens, ends + 1, max_order)  # teacher forcing
         start = logits[:, ends]  # (b, P, V)
         samples, sample_lp = self._rollouts(start, ends, u, cache, length)
@@ -186,7 +188,7 @@ class TokenLM(nn.Module):
             samples.append(x)
             sample_lp.append(lp)
             if j + 1 < n:
-                logits = self(
+                logits = self.logits(
                     x, position_ids=(ends + j + 1)[None], attn_mask=mask[..., : length + (j + 1) * p], cache=cache
                 )
         return torch.stack(samples, -1), torch.stack(sample_lp, -1)
@@ -243,7 +245,7 @@ class TokenLM(nn.Module):
             end = prompt_len + step
             start = end - 1 if cache is not None and step > 0 else 0
             mask = padded_causal_mask(key_valid[active, :end], end - start) if padded else None
-            logits = self(
+            logits = self.logits(
                 seq[active, start:end], position_ids=position_ids[active, start:end], attn_mask=mask, cache=cache
             )[:, -1]  # (a, V)
             nxt = sample_next(logits.to(work), temperature, top_k, u[active])

@@ -36,12 +36,12 @@ def _gen(seed: int) -> torch.Generator:
 def test_forward_shapes_train_eval_and_untied_head():
     model = _model()
     tokens = _tokens(13, 3, 9)
-    logits = model(tokens)
+    logits = model.logits(tokens)
     assert logits.shape == (3, 9, 13)
     model.eval()
-    torch.testing.assert_close(model(tokens), logits, atol=0, rtol=0)
+    torch.testing.assert_close(model.logits(tokens), logits, atol=0, rtol=0)
     untied = TokenLM(TokenLMConfig(13, BackboneConfig(hidden_size=16, num_layers=1, num_heads=2), tie_embeddings=False))
-    assert untied.lm_head is not None and untied(tokens).shape == (3, 9, 13)
+    assert untied.lm_head is not None and untied.logits(tokens).shape == (3, 9, 13)
     tied_params = sum(p.numel() for p in _model(dtype=torch.float32).parameters())
     assert tied_params == sum(p.numel() for p in model.parameters())  # no separate head
 
@@ -50,7 +50,7 @@ def test_loss_matches_manual_cross_entropy():
     model = _model()
     tokens = _tokens(13, 2, 7)
     out = model.loss(tokens)
-    logp = model(tokens[:, :-1]).log_softmax(-1)
+    logp = model.logits(tokens[:, :-1]).log_softmax(-1)
     manual = -logp.gather(-1, tokens[:, 1:, None]).mean()
     torch.testing.assert_close(out["loss"], manual.float(), atol=1e-6, rtol=0)
     acc = (logp.argmax(-1) == tokens[:, 1:]).double().mean()
@@ -86,9 +86,9 @@ def test_flops_per_token():
 def test_input_errors():
     model = _model()
     with pytest.raises(TypeError, match="integer"):
-        model(torch.zeros(2, 3))
+        model.logits(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"shape \(b, L\)"):
-        model(torch.zeros(3, dtype=torch.long))
+        model.logits(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="L >= 2"):
         model.loss(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"ids in \[0, 13\), got 13 at position \(1, 0\)"):
@@ -146,7 +146,7 @@ def test_eos_stops_each_row(temperature):
         return row if hits.numel() == 0 else row[: int(hits[0]) + 1]
 
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    handle = model.backbone.register_forward_hook(lambda *_: calls.append(1))
     stopped = model.generate(_prompts(), 12, temperature=temperature, generator=_gen(2), eos_id=eos).tokens
     handle.remove()
     for a, b in zip(free, stopped, strict=True):
@@ -182,7 +182,7 @@ def _brute_prob(model: TokenLM, prefix: torch.Tensor, cont: torch.Tensor) -> tor
     """P(cont_1..n | prefix) for n = 1..N by separate uncached forwards: (b, N)."""
     probs, seq = [], prefix
     for j in range(cont.shape[1]):
-        p = model(seq)[:, -1].softmax(-1).gather(-1, cont[:, j : j + 1]).squeeze(-1)
+        p = model.logits(seq)[:, -1].softmax(-1).gather(-1, cont[:, j : j + 1]).squeeze(-1)
         probs.append(p)
         seq = torch.cat([seq, cont[:, j : j + 1]], 1)
     return torch.stack(probs, -1).cumprod(-1)
@@ -229,7 +229,7 @@ def _exact_brier(model: TokenLM, seq: torch.Tensor, t: int, order: int) -> torch
     vocab = model.cfg.vocab_size
     conts = torch.tensor(list(itertools.product(range(vocab), repeat=order)))  # (V^N, N)
     inputs = torch.cat([seq[: t + 1].expand(len(conts), -1), conts], 1)
-    logp = model(inputs).log_softmax(-1)[:, t : t + order]  # (V^N, N, V)
+    logp = model.logits(inputs).log_softmax(-1)[:, t : t + order]  # (V^N, N, V)
     cum = logp.gather(-1, conts[..., None]).squeeze(-1).cumsum(-1).exp()  # P(x_1:n), (V^N, N)
     collision = (cum * cum[:, -1:]).sum(0)  # (N,)
     target = seq[t + 1 : t + 1 + order]
