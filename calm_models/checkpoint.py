@@ -382,16 +382,21 @@ def save_checkpoint(
         if update_latest:
             _write_latest(root, name)
         if keep_last:
-            auto = [p for p in list_checkpoints(root) if _AUTO_NAME.match(p.name)]
-            protect = {name, (root / "latest").read_text().strip() if (root / "latest").exists() else name}
-            for stale in auto[: max(0, len(auto) - keep_last)]:
-                if stale.name not in protect:
-                    trash = stale.with_name(f"{stale.name}.del-{os.getpid()}")
-                    os.replace(stale, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
+            _prune(root, keep_last, protect=name)
     finally:
         barrier()
     return final
+
+
+def _prune(root: Path, keep_last: int, protect: str) -> None:
+    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints, never ``protect`` or ``latest``'s target."""
+    auto = [p for p in list_checkpoints(root) if _AUTO_NAME.match(p.name)]
+    keep = {protect, (root / "latest").read_text().strip() if (root / "latest").exists() else protect}
+    for stale in auto[: max(0, len(auto) - keep_last)]:
+        if stale.name not in keep:
+            trash = stale.with_name(f"{stale.name}.del-{os.getpid()}")  # renamed first: a crash leaves a leftover
+            os.replace(stale, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _class_name(model: nn.Module) -> str:

@@ -259,6 +259,18 @@ def convert(
     if tok.vocab_size != ae_cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model vocab_size={ae_cfg.vocab_size}")
     model = build_model(run_cfg, ae_cfg.vocab_size)
+    _load_exactly(model, weights, src)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_config(run_cfg, out / "config.yaml")
+    tok.save(out / "tokenizer.json")
+    ckpt.save_checkpoint(out, step=0, model=model, config=run_cfg, train_state={"converted": str(src)})
+    return out
+
+
+def _load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor], src: Path) -> None:
+    """Load ``weights`` (as fp32) into ``model`` when every key and shape matches, else one-line ConversionError."""
     expected = model.state_dict()
     missing, unknown = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     bad = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
@@ -269,13 +281,6 @@ def convert(
             what = f"shape of {k}: {tuple(weights[k].shape)} in the file, {tuple(expected[k].shape)} expected"
         raise ConversionError(f"{src}: the weights do not map exactly onto the model: {what}")
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    save_config(run_cfg, out / "config.yaml")
-    tok.save(out / "tokenizer.json")
-    ckpt.save_checkpoint(out, step=0, model=model, config=run_cfg, train_state={"converted": str(src)})
-    return out
 
 
 def _ae_from_weights(state: dict[str, torch.Tensor], prefix: str, calm: dict) -> dict:

@@ -37,6 +37,21 @@ SAMPLERS = ("exact", "batch")
 EXACT_MAX_DRAWS = 1024
 
 
+def _check_sampling(sampler: object, temperature: object, max_new_tokens: object) -> None:
+    """The sampling arguments of :meth:`CALM.generate`, or a ``ValueError`` naming the bad one."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature <= 1.0):
+        raise ValueError(f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}")
+    check_int(max_new_tokens, "max_new_tokens", 1)
+    if sampler == "exact" and 1.0 / temperature > EXACT_MAX_DRAWS:
+        raise ValueError(
+            f"temperature={temperature:g} needs {int(1 / temperature)} identical head draws in "
+            f"a row per tempered chunk, more than the exact sampler's {EXACT_MAX_DRAWS} per "
+            "call; use sampler='batch' (a fixed cost at any temperature)"
+        )
+
+
 class InputCompressor(nn.Module):
     """The ``K`` token embeddings of a chunk -> one input: ``Linear(K h, h)``, then ``x + SwiGLU(RMSNorm(x))``.
 
@@ -270,17 +285,7 @@ class CALM(nn.Module):
         Raises:
             ValueError: On bad arguments, or a prompt plus ``max_new_tokens`` over ``max_seq_len`` chunks.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if not (isinstance(temperature, (int, float)) and 0.0 < temperature <= 1.0):
-            raise ValueError(f"temperature must be in (0, 1] for a sampler-only model, got {temperature!r}")
-        check_int(max_new_tokens, "max_new_tokens", 1)
-        if sampler == "exact" and 1.0 / temperature > EXACT_MAX_DRAWS:
-            raise ValueError(
-                f"temperature={temperature:g} needs {int(1 / temperature)} identical head draws in "
-                f"a row per tempered chunk, more than the exact sampler's {EXACT_MAX_DRAWS} per "
-                "call; use sampler='batch' (a fixed cost at any temperature)"
-            )
+        _check_sampling(sampler, temperature, max_new_tokens)
 
         def next_chunk(hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
             """One chunk ``(b, K)`` per state ``(b, h)``, and how many rows fell back untempered."""

@@ -35,6 +35,18 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return list(itertools.accumulate(values, lambda avg, v: alpha * avg + (1 - alpha) * v))
 
 
+def _points(records: list[dict], split: str, key: str, xname: str, token_key: str | None, step_tokens: dict) -> list:
+    """``(x, value)`` of ``key`` in the records of ``split``; ``x`` the step, or the tokens seen at that step."""
+    points = []
+    for r in records:
+        if str(r.get("split", "train")) != split or not isinstance(r.get(key), (int, float)):
+            continue
+        x = r.get("step") if xname == "step" else r.get(token_key, step_tokens.get(r.get("step")))
+        if x is not None:
+            points.append((x, float(r[key])))
+    return points
+
+
 def plot_metrics(
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -97,13 +109,7 @@ def plot_metrics(
         for col, xname in enumerate(axes_x):
             ax = axes[row][col]
             for index, split in enumerate(splits):
-                points = []
-                for r in records:
-                    if str(r.get("split", "train")) != split or not isinstance(r.get(key), (int, float)):
-                        continue
-                    x = r.get("step") if xname == "step" else r.get(token_key, step_tokens.get(r.get("step")))
-                    if x is not None:
-                        points.append((x, float(r[key])))
+                points = _points(records, split, key, xname, token_key, step_tokens)
                 if not points:
                     continue
                 xs, ys = zip(*points, strict=True)

@@ -67,6 +67,44 @@ def _check_atol(atol: object) -> float | None:
     return float(atol)
 
 
+def _check_brier_inputs(probs: Tensor, target: Tensor, atol: object) -> float | None:
+    """Types, shapes and devices of :func:`brier_score`'s arguments (no host sync); the checked ``atol``."""
+    _require_tensor(probs, "probs")
+    _require_tensor(target, "target")
+    atol = _check_atol(atol)
+    if not probs.is_floating_point():
+        raise TypeError(f"probs must have a floating dtype, got {probs.dtype}")
+    if not _is_integer_like(target) or target.dtype == torch.bool:
+        raise TypeError(f"target must have an integer dtype, got {target.dtype}")
+    if probs.ndim < 1 or probs.shape[-1] == 0:
+        raise ValueError(f"probs must have shape (..., V) with V >= 1, got {tuple(probs.shape)}")
+    if probs.shape[:-1] != target.shape:
+        raise ValueError(
+            "target must have the shape of probs without its last axis: probs "
+            f"{tuple(probs.shape)} expects target {tuple(probs.shape[:-1])}, got "
+            f"{tuple(target.shape)}"
+        )
+    if probs.device != target.device:
+        raise ValueError(f"probs and target must be on the same device, got {probs.device} and {target.device}")
+    return atol
+
+
+def _validate_distribution(p: Tensor, in_range: Tensor, tol: float) -> None:
+    """Finite, nonnegative rows summing to 1 (within ``tol``) and targets in range: one host sync."""
+    bad = torch.stack(
+        [(~torch.isfinite(p)).any(), (p < -tol).any(), ((p.sum(-1) - 1.0).abs() > tol).any(), (~in_range).any()]
+    ).tolist()
+    problems = (
+        "probs contains NaN or infinite values",
+        f"probs must be nonnegative (tolerance {tol:g})",
+        f"probs must sum to 1 over the last axis (tolerance {tol:g})",
+        f"target values must lie in [0, V) = [0, {p.shape[-1]})",
+    )
+    for is_bad, problem in zip(bad, problems, strict=True):
+        if is_bad:
+            raise ValueError(problem)
+
+
 def brier_score(probs: Tensor, target: Tensor, *, validate: bool = True, atol: float | None = None) -> Tensor:
     """Exact Brier score ``2 P(y) - sum_x P(x)^2`` from predicted probabilities.
 
@@ -103,40 +141,12 @@ def brier_score(probs: Tensor, target: Tensor, *, validate: bool = True, atol: f
         >>> brier_score(probs, torch.tensor([0, 1]))
         tensor([ 0.6250, -1.0000])
     """
-    _require_tensor(probs, "probs")
-    _require_tensor(target, "target")
-    atol = _check_atol(atol)
-    if not probs.is_floating_point():
-        raise TypeError(f"probs must have a floating dtype, got {probs.dtype}")
-    if not _is_integer_like(target) or target.dtype == torch.bool:
-        raise TypeError(f"target must have an integer dtype, got {target.dtype}")
-    if probs.ndim < 1 or probs.shape[-1] == 0:
-        raise ValueError(f"probs must have shape (..., V) with V >= 1, got {tuple(probs.shape)}")
-    if probs.shape[:-1] != target.shape:
-        raise ValueError(
-            "target must have the shape of probs without its last axis: probs "
-            f"{tuple(probs.shape)} expects target {tuple(probs.shape[:-1])}, got "
-            f"{tuple(target.shape)}"
-        )
-    if probs.device != target.device:
-        raise ValueError(f"probs and target must be on the same device, got {probs.device} and {target.device}")
+    atol = _check_brier_inputs(probs, target, atol)
     vocab = probs.shape[-1]
     p = probs.to(torch.promote_types(probs.dtype, torch.float32))  # (..., V)
     in_range = (target >= 0) & (target < vocab)  # (...)
-
     if validate:
-        tol = _default_atol(probs.dtype) if atol is None else atol
-        bad = torch.stack(
-            [(~torch.isfinite(p)).any(), (p < -tol).any(), ((p.sum(-1) - 1.0).abs() > tol).any(), (~in_range).any()]
-        ).tolist()  # one host sync
-        if bad[0]:
-            raise ValueError("probs contains NaN or infinite values")
-        if bad[1]:
-            raise ValueError(f"probs must be nonnegative (tolerance {tol:g})")
-        if bad[2]:
-            raise ValueError(f"probs must sum to 1 over the last axis (tolerance {tol:g})")
-        if bad[3]:
-            raise ValueError(f"target values must lie in [0, V) = [0, {vocab})")
+        _validate_distribution(p, in_range, _default_atol(probs.dtype) if atol is None else atol)
 
     idx = target.clamp(0, vocab - 1).long().unsqueeze(-1)  # (..., 1)
     p_y = p.gather(-1, idx).squeeze(-1)  # (...)

@@ -55,6 +55,12 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
             raise TypeError(
                 f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
             )
+    _check_samples(samples)
+    _check_targets(samples, targets)
+    _check_beta(beta)
+
+
+def _check_samples(samples: Tensor) -> None:
     if samples.dim() < 2:
         raise ValueError(
             f"samples must have shape (n, *batch, d) with n >= 2 draws and a feature axis d, "
@@ -70,6 +76,9 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
         raise ValueError(
             f"samples must have a non-empty feature axis d (the last one), got shape {tuple(samples.shape)}"
         )
+
+
+def _check_targets(samples: Tensor, targets: Tensor) -> None:
     expected = "(m, " + ", ".join(str(size) for size in samples.shape[1:]) + ")"
     if targets.dim() != samples.dim() or targets.shape[1:] != samples.shape[1:]:
         hint = ""
@@ -87,6 +96,9 @@ def _check_inputs(samples: Tensor, targets: Tensor, beta: float) -> None:
             f"samples and targets must be on the same device, got samples on {samples.device} "
             f"and targets on {targets.device}"
         )
+
+
+def _check_beta(beta: object) -> None:
     if isinstance(beta, bool) or not isinstance(beta, Real):
         raise TypeError(f"beta must be a real number in (0, 2), got {beta!r}")
     if not math.isfinite(beta):

@@ -651,16 +651,7 @@ def _event_keys(flat: Tensor) -> Tensor:
     axes is accepted (a transposed view costs no extra copy on that path).
     """
     e = flat.shape[-1]
-    if flat.dtype == torch.bool:
-        bits, x = 1, flat.to(torch.int64)
-    elif flat.dtype.is_floating_point:
-        if torch.finfo(flat.dtype).bits == 8:  # float8: widen exactly first
-            flat = flat.to(torch.float32)
-        bits = torch.finfo(flat.dtype).bits
-        as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
-        x = (flat + 0.0).view(as_int).to(torch.int64)  # -0.0 -> 0.0, then the bit pattern
-    else:
-        bits, x = torch.iinfo(flat.dtype).bits, flat.to(torch.int64)
+    bits, x = _as_int64(flat)
     if e == 1:
         return x[..., 0]
     width = 64 // e
@@ -692,6 +683,20 @@ def _event_keys(flat: Tensor) -> Tensor:
     if x.device.type == "cpu" and bool(fits.all()):  # reading a CPU flag costs no device sync
         return packed
     return torch.where(fits, packed, _hash_events(x))
+
+
+def _as_int64(flat: Tensor) -> tuple[int, Tensor]:
+    """``(..., E)`` events -> (bits of the dtype, the elements as int64): bools as 0/1, floats as the
+    bit pattern after mapping ``-0.0`` to ``0.0`` (float8 widened exactly to float32 first)."""
+    if flat.dtype == torch.bool:
+        return 1, flat.to(torch.int64)
+    if flat.dtype.is_floating_point:
+        if torch.finfo(flat.dtype).bits == 8:  # float8: widen exactly first
+            flat = flat.to(torch.float32)
+        bits = torch.finfo(flat.dtype).bits
+        as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
+        return bits, (flat + 0.0).view(as_int).to(torch.int64)  # -0.0 -> 0.0, then the bit pattern
+    return torch.iinfo(flat.dtype).bits, flat.to(torch.int64)
 
 
 def _hash_events(x: Tensor) -> Tensor:
