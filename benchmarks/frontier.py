@@ -36,7 +36,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ import synthetic  # noqa: E402
 
 from calm_models import checkpoint as ckpt  # noqa: E402
 from calm_models.autoencoder import robustness_table  # noqa: E402
-from calm_models.config import BackboneConfig, preset  # noqa: E402
+from calm_models.config import BackboneConfig, BaselineConfig, preset  # noqa: E402
 from calm_models.data import prepare_data  # noqa: E402
 from calm_models.evaluate import held_out_batches, score_run  # noqa: E402
 from calm_models.runs import build_model, load_run  # noqa: E402
@@ -123,7 +123,8 @@ def lm_config(name: str, corpus: str, out: Path, args, ae_dirs: dict[int, Path])
     """The config of one language model of the sweep (CALM on the autoencoder of its K)."""
     if name.startswith("ar-"):
         cfg = base_config("ar", corpus, out, args)
-        return replace(cfg, baseline=BACKBONES[name[3:]], run=replace(cfg.run, out_dir=str(out / name)))
+        baseline = BaselineConfig(**asdict(BACKBONES[name[3:]]))
+        return replace(cfg, baseline=baseline, run=replace(cfg.run, out_dir=str(out / name)))
     k = int(name[len("calm-k") :])
     cfg = base_config("calm", corpus, out, args)
     ae = replace(cfg.autoencoder, chunk_size=k, latent_size=32 * k)

@@ -22,14 +22,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_models.config import BackboneConfig, HeadConfig, preset  # noqa: E402
+from calm_models.config import BackboneConfig, BaselineConfig, HeadConfig, preset  # noqa: E402
 from calm_models.runs import build_model  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def _models(tiny: bool) -> dict[str, torch.nn.Module]:
             cfg,
             autoencoder=replace(cfg.autoencoder, vocab_size=512, hidden_size=64, latent_size=16),
             calm=replace(cfg.calm, backbone=backbone, head=HeadConfig(hidden_size=64, num_blocks=1)),
-            baseline=backbone,
+            baseline=BaselineConfig(**asdict(backbone)),
         )
     calm = build_model(cfg, cfg.autoencoder.vocab_size)
     ar = build_model(replace(cfg, stage="ar"), cfg.autoencoder.vocab_size)

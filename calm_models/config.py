@@ -304,6 +304,28 @@ class TokenLMConfig:
 
 
 @dataclass
+class BaselineConfig(BackboneConfig):
+    """The ``baseline`` section of a run: the token baseline's backbone (every :class:`BackboneConfig` field, so
+    ``baseline.hidden_size`` and friends keep their keys) and its output layer.
+
+    Attributes:
+        tie_embeddings: The output layer reuses the input embedding matrix (``False``: a separate ``h x V`` matrix).
+
+    Example:
+        >>> cfg = load_config(TrainConfig, overrides=["stage=ar", "baseline.tie_embeddings=false"])
+        >>> cfg.baseline.tie_embeddings, cfg.baseline.token_lm(300).backbone.hidden_size
+        (False, 256)
+    """
+
+    tie_embeddings: bool = True
+
+    def token_lm(self, vocab_size: int) -> TokenLMConfig:
+        """The :class:`TokenLMConfig` of this section for a vocabulary of ``vocab_size`` ids."""
+        backbone = BackboneConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BackboneConfig)})
+        return TokenLMConfig(vocab_size=vocab_size, backbone=backbone, tie_embeddings=self.tie_embeddings)
+
+
+@dataclass
 class DistillConfig:
     """The ``distill`` stage: a one-step head learns from a trained multi-step head (:mod:`calm_models.distill`).
 
@@ -530,7 +552,7 @@ class TrainConfig:
             used).
         calm: CALM backbone, head and energy-loss targets.
         distill: The ``distill`` stage's loss and teacher settings.
-        baseline: Backbone of the token baseline.
+        baseline: The token baseline: its backbone and ``tie_embeddings``.
         optim: Optimiser.
         schedule: Learning-rate schedule.
         run: Execution settings.
@@ -543,7 +565,7 @@ class TrainConfig:
     teacher_path: str | None = None
     calm: CALMConfig = field(default_factory=CALMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    baseline: BackboneConfig = field(default_factory=BackboneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -626,7 +648,7 @@ def _tiny(stage: str) -> TrainConfig:
         ),
         autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2, beta=0.5)),
-        baseline=backbone,
+        baseline=BaselineConfig(**dataclasses.asdict(backbone)),
         optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3, "distill": 2e-3}[stage]),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=100 if lm else 50),
         run=RunConfig(
@@ -655,7 +677,7 @@ def _m(stage: str) -> TrainConfig:
         data=DataConfig(vocab_size=32768, block_len=2048),
         autoencoder=AutoencoderConfig(vocab_size=32768, num_token_layers=2, num_chunk_layers=2),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=1024, num_blocks=4)),
-        baseline=backbone,
+        baseline=BaselineConfig(**dataclasses.asdict(backbone)),
         optim=OptimConfig(lr=3e-4),
         schedule=ScheduleConfig(kind="constant", warmup_steps=2000),
         run=RunConfig(out_dir=f"runs/m-{stage}", **run_args),

@@ -16,7 +16,7 @@ from torch import nn
 from calm_models import checkpoint as ckpt
 from calm_models.autoencoder import Autoencoder
 from calm_models.baseline import TokenLM
-from calm_models.config import ConfigError, TokenLMConfig, TrainConfig, load_config
+from calm_models.config import ConfigError, TrainConfig, load_config
 from calm_models.data import DataError, PackedBlocks, TextTokenizer, encode_documents, prepare_data, read_documents
 from calm_models.distributed import resolve_device
 from calm_models.errors import CalmError
@@ -36,7 +36,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, autoencoder: Autoencoder | No
         'TokenLM'
     """
     if cfg.stage == "ar":
-        return TokenLM(TokenLMConfig(vocab_size=vocab_size, backbone=cfg.baseline))
+        return TokenLM(cfg.baseline.token_lm(vocab_size))
     ae = autoencoder or Autoencoder(replace(cfg.autoencoder, vocab_size=vocab_size))
     return ae if cfg.stage == "autoencoder" else CALM(cfg.calm, ae)  # calm, distill: a CALM
 

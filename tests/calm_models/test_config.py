@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from calm_models.config import (
     BackboneConfig,
+    BaselineConfig,
     ConfigError,
     OptimConfig,
     PipelineConfig,
@@ -219,7 +220,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_yaml_round_trip_is_exact(hidden, lr, files, out_dir):
     cfg = dataclasses.replace(
         TrainConfig(stage="ar"),
-        baseline=BackboneConfig(hidden_size=hidden, num_heads=4),
+        baseline=BaselineConfig(hidden_size=hidden, num_heads=4),
         optim=OptimConfig(lr=lr),
         run=dataclasses.replace(TrainConfig().run, out_dir=out_dir),
     )
@@ -230,7 +231,7 @@ def test_yaml_round_trip_is_exact(hidden, lr, files, out_dir):
 
 def test_diff_configs_lists_differing_dotted_paths():
     a = TrainConfig(stage="ar")
-    b = dataclasses.replace(a, baseline=BackboneConfig(hidden_size=128), optim=OptimConfig(lr=1e-3))
+    b = dataclasses.replace(a, baseline=BaselineConfig(hidden_size=128), optim=OptimConfig(lr=1e-3))
     assert diff_configs(a, b) == ["baseline.hidden_size", "optim.lr"]
     assert diff_configs(a, b, ["baseline"]) == ["baseline.hidden_size"]
     assert diff_configs(a, b, ["data"]) == [] and diff_configs(a, a) == []
@@ -238,3 +239,15 @@ def test_diff_configs_lists_differing_dotted_paths():
     assert diff_configs({"x": (1, 2)}, {"x": [1, 2]}) == []
     assert diff_configs({"m": {"h": 1}}, {"m": {"h": 1, "l": 2}}) == []  # one side only
     assert flatten_config({"m": {}, "n": None}) == {"m": {}, "n": None}
+
+
+def test_baseline_options_are_settable_and_old_keys_keep_loading():
+    from calm_models.runs import build_model
+
+    tied = build_model(load_config(TrainConfig, preset=preset("tiny", "ar")), 300)
+    untied = build_model(
+        load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=["baseline.tie_embeddings=false"]), 300
+    )
+    assert tied.lm_head is None and untied.lm_head is not None
+    old = {"stage": "ar", "baseline": {"hidden_size": 64, "num_heads": 2}}  # a config written before the option
+    assert load_config(TrainConfig, data=old).baseline == BaselineConfig(hidden_size=64, num_heads=2)
