@@ -35,6 +35,16 @@ Usage (from the repository root)::
     python benchmarks/synthetic.py --language markov1 [--preset tiny] [--seed 0] \
         [--out runs/synthetic] [--calm-set calm.head.num_samples=32 ...] [--tag NAME]
 
+A distilled one-step head (the ``distill`` stage, :mod:`calm_models.distill`) is trained from a
+CALM variant of the same seed, named by its tag::
+
+    python benchmarks/synthetic.py --language markov1 --models calm --calm-set calm.head.type=flow --tag flow
+    python benchmarks/synthetic.py --language markov1 --models distill --teacher flow \
+        --distill-set distill.loss=coupled calm.head.noise_size=128 --tag coupled
+
+The student's training FLOPs and time in the table include its teacher's (and the teacher's
+autoencoder's).
+
 The command writes the language's train/validation JSONL files and word-level
 ``tokenizer.json``, trains the token baseline (stage ``ar``) and CALM (stage ``autoencoder``,
 then ``calm`` on it) through :func:`calm_models.train.train` with the preset's configuration

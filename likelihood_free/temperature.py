@@ -46,6 +46,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Real
 from typing import NamedTuple
 
@@ -443,6 +444,60 @@ def temperature_sample(
         True
     """
     n, alpha = _split_inverse_temperature(temperature)
+    opts = _exact_options(
+        n, alpha, max_rounds, on_exhausted, pass_rows, batch_size, device, draws_per_round, max_draws_per_call
+    )
+    _check_generator(generator)
+    run: _ExactRun | None = None  # created from the first call's draws
+    k = opts.base_k
+    for _ in range(opts.max_rounds):
+        k = opts.round_size(k, run)
+        x = _call_sampler(sampler, k, run, opts, generator)  # (k, batch or r, *event)
+        if run is None:
+            run = _ExactRun(x, opts)
+        if run.active == 0:
+            break
+        x = run.prepare(x)  # (k, r, E)
+        passed, picked, attempt_end = run.attempts(x) if not opts.span else run.spanning_attempt(x)
+        run.cand = torch.where(run.in_factory[:, None], run.cand, picked)
+        accepted = passed if alpha == 0 else run.factory(x, passed, attempt_end, generator)
+        if run.retire(accepted) == 0:
+            break
+    return _finish(run, opts, temperature, k)
+
+
+@dataclass
+class _ExactOptions:
+    """The checked settings of one :func:`temperature_sample` call."""
+
+    n: int
+    alpha: float
+    max_rounds: int
+    on_exhausted: str
+    pass_rows: bool
+    batch_size: int | None
+    cap: int  # max_draws_per_call
+    base_k: int  # draws per row and call before any growth
+    adaptive: bool  # pass_rows and a default draws_per_round: k grows as rows finish
+    span: bool  # attempts of n identical draws span several calls of k < n draws
+    rows_device: torch.device | None
+
+    @property
+    def what(self) -> str:
+        return "sampler(k, rows)" if self.pass_rows else "sampler(k)"
+
+    def round_size(self, k: int, run: _ExactRun | None) -> int:
+        """Draws per active row of the next call: with fewer rows left, more draws each (~batch * base_k / 4 in all)."""
+        if not self.adaptive or run is None:
+            return k
+        grown = max(self.base_k, self.base_k * self.batch_size // (4 * run.active))
+        return min(_MAX_GROWTH * self.base_k, grown, self.cap)
+
+
+def _exact_options(
+    n, alpha, max_rounds, on_exhausted, pass_rows, batch_size, device, draws_per_round, max_draws_per_call
+) -> _ExactOptions:
+    """Check :func:`temperature_sample`'s arguments (naming the bad one) and resolve the defaults."""
     max_rounds = _check_int(max_rounds, "max_rounds", 1)
     if not isinstance(on_exhausted, str) or on_exhausted not in _ON_EXHAUSTED:
         raise ValueError(f"on_exhausted must be one of {_ON_EXHAUSTED}, got {on_exhausted!r}")
@@ -453,140 +508,181 @@ def temperature_sample(
     elif pass_rows:
         raise ValueError("batch_size is required when pass_rows=True (the first call gets rows = arange(batch_size))")
     cap = _check_int(max_draws_per_call, "max_draws_per_call", 1)
-    if draws_per_round is None:
-        base_k = min(n + (1 if alpha > 0 else 0), cap)
+    base_k = min(n + (1 if alpha > 0 else 0), cap) if draws_per_round is None else _check_round(draws_per_round, n, cap)
+    return _ExactOptions(
+        n,
+        alpha,
+        max_rounds,
+        on_exhausted,
+        pass_rows,
+        batch_size,
+        cap,
+        base_k,
+        adaptive=draws_per_round is None and pass_rows,
+        span=n > base_k,
+        rows_device=torch.device(device) if device is not None else None,
+    )
+
+
+def _check_round(draws_per_round: object, n: int, cap: int) -> int:
+    base_k = _check_int(draws_per_round, "draws_per_round", 1)
+    if base_k < n:
+        raise ValueError(f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}")
+    if base_k > cap:
+        raise ValueError(
+            f"draws_per_round={base_k} exceeds max_draws_per_call={cap}; raise "
+            "max_draws_per_call or leave draws_per_round at its default"
+        )
+    return base_k
+
+
+def _call_sampler(
+    sampler: Callable[..., Tensor], k: int, run: _ExactRun | None, opts: _ExactOptions, generator
+) -> Tensor:
+    """One sampler call for ``k`` draws of every (active) row, its shape checked: ``(k, rows, *event)``."""
+    if opts.pass_rows:
+        if run is None:
+            first_device = opts.rows_device or (generator.device if generator is not None else torch.device("cpu"))
+            call_rows = torch.arange(opts.batch_size, device=first_device)
+        else:
+            call_rows = run.rows if opts.rows_device is None else run.rows.to(opts.rows_device)
+        x, expected_batch = sampler(k, call_rows), call_rows.shape[0]
     else:
-        base_k = _check_int(draws_per_round, "draws_per_round", 1)
-        if base_k < n:
-            raise ValueError(f"draws_per_round must be at least n = floor(1/T) = {n} (one attempt), got {base_k}")
-        if base_k > cap:
-            raise ValueError(
-                f"draws_per_round={base_k} exceeds max_draws_per_call={cap}; raise "
-                "max_draws_per_call or leave draws_per_round at its default"
-            )
-    _check_generator(generator)
-    adaptive = draws_per_round is None and pass_rows
-    span = n > base_k  # attempts of n identical draws span several calls of k < n draws
-    rows_device = torch.device(device) if device is not None else None
-    what = "sampler(k, rows)" if pass_rows else "sampler(k)"
+        x, expected_batch = sampler(k), None if run is None else run.batch
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{opts.what} must return a tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] != k or (expected_batch is not None and x.shape[1] != expected_batch):
+        want = "len(rows)" if opts.pass_rows else "batch"
+        raise ValueError(
+            f"{opts.what} must return shape (k, {want}, *event) with k={k}"
+            + (f" and {want}={expected_batch}" if expected_batch is not None else "")
+            + f", got {tuple(x.shape)}"
+        )
+    return x
 
-    k, batch = base_k, -1
-    rows = None  # (r,) indices of the rows still sampling, on the draws' device
-    for _ in range(max_rounds):
-        # ---- one sampler call: x (k, r, *event)
-        if pass_rows:
-            if rows is None:
-                first_device = rows_device or (generator.device if generator is not None else torch.device("cpu"))
-                call_rows = torch.arange(batch_size, device=first_device)
-            else:
-                call_rows = rows if rows_device is None else rows.to(rows_device)
-                if adaptive:  # fewer rows left: more draws each, ~batch * base_k / 4 in all
-                    grown = max(base_k, base_k * batch_size // (4 * len(rows)))
-                    k = min(_MAX_GROWTH * base_k, grown, cap)
-            x = sampler(k, call_rows)
-            expected_batch = call_rows.shape[0]
-        else:
-            x = sampler(k)
-            expected_batch = None if rows is None else batch
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{what} must return a tensor, got {type(x).__name__}")
-        if x.dim() < 2 or x.shape[0] != k or (expected_batch is not None and x.shape[1] != expected_batch):
-            want = "len(rows)" if pass_rows else "batch"
-            raise ValueError(
-                f"{what} must return shape (k, {want}, *event) with k={k}"
-                + (f" and {want}={expected_batch}" if expected_batch is not None else "")
-                + f", got {tuple(x.shape)}"
-            )
-        if rows is None:  # first round: learn batch, event shape, dtype and device
-            batch = x.shape[1]
-            if batch_size is not None and batch != batch_size:
-                raise ValueError(f"sampler(k) returned batch {batch} but batch_size={batch_size}")
-            event_shape, dtype, dev = x.shape[2:], x.dtype, x.device
-            e = math.prod(event_shape)
-            out_samples = torch.empty((batch, e), dtype=dtype, device=dev)
-            out_draws = torch.zeros(batch, dtype=torch.long, device=dev)
-            exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
-            rows = torch.arange(batch, device=dev)
-            cand = torch.empty((batch, e), dtype=dtype, device=dev)  # current attempt's value
-            in_factory = torch.zeros(batch, dtype=torch.bool, device=dev)
-            step = torch.ones(batch, dtype=torch.long, device=dev)  # next factory step i
-            used = torch.zeros(batch, dtype=torch.long, device=dev)  # draws consumed
-            progress = torch.zeros(batch, dtype=torch.long, device=dev)  # draws of a spanning
-            # attempt so far, all equal to `cand` (0: the next call starts a new attempt)
-        elif x.shape[2:] != event_shape or x.dtype != dtype:
-            raise ValueError(
-                f"{what} changed its event shape or dtype between calls: first "
-                f"{tuple(event_shape)} {dtype}, now {tuple(x.shape[2:])} {x.dtype}"
-            )
-        r = rows.shape[0]
-        if r == 0:
-            break
-        if not pass_rows:
-            x = x.index_select(1, rows.to(x.device))
-        x = x.to(dev).reshape(k, r, e)  # (k, r, E)
-        pos = torch.arange(k, device=dev)[:, None]  # (k, 1)
 
-        if not span:
-            # ---- identical-draws phase: k // n attempts per row, take the first that passes
-            attempts = k // n
-            blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
-            firsts = blocks[:, 0]  # (a, r, E)
-            # the first draw is not compared with itself: with n = 1 every attempt passes, NaN too
-            same = (blocks[:, 1:] == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
-            passed, block = _first_true(same & ~in_factory)  # (r,) each
-            block = torch.where(passed, block, torch.full_like(block, attempts - 1))
-            picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
-            attempt_end = (block + 1) * n  # (r,) position after the passing (or last) attempt
-            used = used + torch.where(in_factory, 0, torch.where(passed, attempt_end, attempts * n))
-        else:
-            # ---- identical-draws phase, n > k: this call holds the next `length` draws of each
-            # row's attempt; it goes on while they all equal its first draw
-            fresh = progress == 0  # (r,) the attempt starts with this call
-            picked = torch.where(fresh[:, None], x[0], cand)  # (r, E) the attempt's first draw
-            attempt_end = torch.clamp(n - progress, max=k)  # (r,) its draws in this call
-            equal = (x == picked).all(dim=-1) | ((pos == 0) & fresh)  # (k, r), first: itself
-            whole = (equal | (pos >= attempt_end)).all(dim=0) & ~in_factory  # (r,)
-            passed = whole & (progress + attempt_end == n)  # (r,) all n draws identical
-            progress = torch.where(whole & ~passed, progress + attempt_end, 0)
-            used = used + torch.where(in_factory, 0, attempt_end)
-        cand = torch.where(in_factory[:, None], cand, picked)
-        if alpha == 0:
-            accepted = passed
-        else:
-            # ---- p^alpha factory: coin "draw == candidate", from position `begin` on
-            begin = torch.where(in_factory, 0, attempt_end)  # (r,)
-            first_step = torch.where(in_factory, step, 1)
-            factory = in_factory | passed
-            steps = first_step + (pos - begin)  # (k, r) factory step of each draw
-            heads = (x == cand).all(dim=-1)  # (k, r)
-            accept, reject = _factory_step(heads, _uniform((k, r), dev, generator), steps, alpha)
-            live = (pos >= begin) & factory
-            decided, at = _first_true(live & (accept | reject))
-            accepted = decided & heads.gather(0, at[None]).squeeze(0)
-            used = used + torch.where(factory, torch.where(decided, at + 1, k) - begin, 0)
-            step = first_step + (k - begin)
-            in_factory = factory & ~decided
+class _ExactRun:
+    """The state of every row of one :func:`temperature_sample` call, learnt from the first call's draws.
 
-        # ---- write out accepted rows, keep the others (two host syncs per round)
+    Per-row tensors of the active rows ``(r, ...)``: ``rows`` (their batch indices), ``cand`` (the
+    current attempt's value), ``in_factory`` (the attempt is in the ``p^alpha`` factory), ``step``
+    (its next factory step ``i``), ``used`` (draws consumed) and ``progress`` (draws of a spanning
+    attempt so far, all equal to ``cand``; 0: the next call starts a new attempt). Accepted rows
+    are written to ``samples`` / ``draws`` ``(batch, ...)`` and leave the active set.
+    """
+
+    def __init__(self, x: Tensor, opts: _ExactOptions) -> None:
+        batch = x.shape[1]
+        if opts.batch_size is not None and batch != opts.batch_size:
+            raise ValueError(f"sampler(k) returned batch {batch} but batch_size={opts.batch_size}")
+        self.opts, self.batch = opts, batch
+        self.event_shape, self.dtype, self.device = x.shape[2:], x.dtype, x.device
+        e, dev = math.prod(self.event_shape), x.device
+        self.samples = torch.empty((batch, e), dtype=x.dtype, device=dev)
+        self.draws = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(batch, device=dev)
+        self.cand = torch.empty((batch, e), dtype=x.dtype, device=dev)
+        self.in_factory = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.step = torch.ones(batch, dtype=torch.long, device=dev)
+        self.used = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.progress = torch.zeros(batch, dtype=torch.long, device=dev)
+
+    @property
+    def active(self) -> int:
+        return self.rows.shape[0]
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """The call's draws of the active rows as ``(k, r, E)`` on the state's device."""
+        if x.shape[2:] != self.event_shape or x.dtype != self.dtype:
+            raise ValueError(
+                f"{self.opts.what} changed its event shape or dtype between calls: first "
+                f"{tuple(self.event_shape)} {self.dtype}, now {tuple(x.shape[2:])} {x.dtype}"
+            )
+        if not self.opts.pass_rows:
+            x = x.index_select(1, self.rows.to(x.device))
+        return x.to(self.device).reshape(x.shape[0], self.active, math.prod(self.event_shape))
+
+    def attempts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Identical-draws phase, ``k >= n``: ``k // n`` attempts per row, the first that passes.
+
+        Returns ``(passed (r,), picked value (r, E), attempt_end (r,))``, the position after the
+        passing (or last) attempt; counts the draws of rows not in the factory.
+        """
+        n, (k, r, e) = self.opts.n, x.shape
+        attempts = k // n
+        blocks = x[: attempts * n].view(attempts, n, r, e)  # (a, n, r, E)
+        firsts = blocks[:, 0]  # (a, r, E)
+        # the first draw is not compared with itself: with n = 1 every attempt passes, NaN too
+        same = (blocks[:, 1:] == firsts[:, None]).all(dim=-1).all(dim=1)  # (a, r)
+        passed, block = _first_true(same & ~self.in_factory)  # (r,) each
+        block = torch.where(passed, block, torch.full_like(block, attempts - 1))
+        picked = firsts.gather(0, block[None, :, None].expand(1, r, e)).squeeze(0)  # (r, E)
+        attempt_end = (block + 1) * n  # (r,)
+        self.used = self.used + torch.where(self.in_factory, 0, torch.where(passed, attempt_end, attempts * n))
+        return passed, picked, attempt_end
+
+    def spanning_attempt(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Identical-draws phase, ``n > k``: this call holds the next draws of each row's attempt, which
+        goes on while they all equal its first draw. Returns what :meth:`attempts` returns."""
+        n, k = self.opts.n, x.shape[0]
+        pos = torch.arange(k, device=self.device)[:, None]  # (k, 1)
+        fresh = self.progress == 0  # (r,) the attempt starts with this call
+        picked = torch.where(fresh[:, None], x[0], self.cand)  # (r, E) the attempt's first draw
+        attempt_end = torch.clamp(n - self.progress, max=k)  # (r,) its draws in this call
+        equal = (x == picked).all(dim=-1) | ((pos == 0) & fresh)  # (k, r), first: itself
+        whole = (equal | (pos >= attempt_end)).all(dim=0) & ~self.in_factory  # (r,)
+        passed = whole & (self.progress + attempt_end == n)  # (r,) all n draws identical
+        self.progress = torch.where(whole & ~passed, self.progress + attempt_end, 0)
+        self.used = self.used + torch.where(self.in_factory, 0, attempt_end)
+        return passed, picked, attempt_end
+
+    def factory(self, x: Tensor, passed: Tensor, attempt_end: Tensor, generator) -> Tensor:
+        """The ``p^alpha`` factory with coin "draw == candidate", from position ``attempt_end`` on: accepted ``(r,)``."""
+        k, r = x.shape[:2]
+        pos = torch.arange(k, device=self.device)[:, None]  # (k, 1)
+        begin = torch.where(self.in_factory, 0, attempt_end)  # (r,)
+        first_step = torch.where(self.in_factory, self.step, 1)
+        factory = self.in_factory | passed
+        steps = first_step + (pos - begin)  # (k, r) factory step of each draw
+        heads = (x == self.cand).all(dim=-1)  # (k, r)
+        accept, reject = _factory_step(heads, _uniform((k, r), self.device, generator), steps, self.opts.alpha)
+        live = (pos >= begin) & factory
+        decided, at = _first_true(live & (accept | reject))
+        accepted = decided & heads.gather(0, at[None]).squeeze(0)
+        self.used = self.used + torch.where(factory, torch.where(decided, at + 1, k) - begin, 0)
+        self.step = first_step + (k - begin)
+        self.in_factory = factory & ~decided
+        return accepted
+
+    def retire(self, accepted: Tensor) -> int:
+        """Write out the accepted rows, keep the others (two host syncs per round); the rows left."""
         done = accepted.nonzero().squeeze(1)
-        out_samples[rows[done]] = cand[done]
-        out_draws[rows[done]] = used[done]
+        self.samples[self.rows[done]] = self.cand[done]
+        self.draws[self.rows[done]] = self.used[done]
         keep = (~accepted).nonzero().squeeze(1)
-        rows, cand, in_factory, step, used, progress = (t[keep] for t in (rows, cand, in_factory, step, used, progress))
-        if rows.shape[0] == 0:
-            break
+        for name in ("rows", "cand", "in_factory", "step", "used", "progress"):
+            setattr(self, name, getattr(self, name)[keep])
+        return self.active
 
-    left = rows.shape[0]  # known on the host: no sync
-    if left > 0:
-        out_samples[rows] = cand
-        out_draws[rows] = used
-        exhausted[rows] = True
-    result = TemperatureSample(samples=out_samples.view(batch, *event_shape), draws=out_draws, exhausted=exhausted)
+    def result(self) -> TemperatureSample:
+        """The samples; rows still active get the first draw of their latest attempt, marked exhausted."""
+        if self.active > 0:  # known on the host: no sync
+            self.samples[self.rows] = self.cand
+            self.draws[self.rows] = self.used
+            self.exhausted[self.rows] = True
+        samples = self.samples.view(self.batch, *self.event_shape)
+        return TemperatureSample(samples=samples, draws=self.draws, exhausted=self.exhausted)
+
+
+def _finish(run: _ExactRun, opts: _ExactOptions, temperature: float, k: int) -> TemperatureSample:
+    """The result, or (rows left after ``max_rounds``) an exception or a warning naming the budget."""
+    result, left = run.result(), run.active
     if left == 0:
         return result
     budget = (
-        f"within max_rounds={max_rounds} sampler calls (T={float(temperature):g}: attempts of "
-        f"{n} identical draws, {k} draws per row and call)"
+        f"within max_rounds={opts.max_rounds} sampler calls (T={float(temperature):g}: attempts of "
+        f"{opts.n} identical draws, {k} draws per row and call)"
     )
     advice = (
         "The sampler rarely repeats itself at this temperature (each row needs (n + "
@@ -594,8 +690,8 @@ def temperature_sample(
         "max_rounds, or use batched_temperature_sample, whose cost is fixed, for very low "
         "temperatures"
     )
-    if on_exhausted == "raise":
-        bad = rows.tolist()  # error path only
+    if opts.on_exhausted == "raise":
+        bad = run.rows.tolist()  # error path only
         shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
         raise TemperatureSamplingExhausted(
             f"{left} row(s) did not accept a sample {budget}: rows [{shown}]. {advice}, or pass "
@@ -605,11 +701,11 @@ def temperature_sample(
         )
     warnings.warn(
         TemperatureFallbackWarning(
-            f"{left} of {batch} row(s) did not accept a sample {budget} and fell back to the "
+            f"{left} of {run.batch} row(s) did not accept a sample {budget} and fell back to the "
             f"first draw of their latest attempt, which is not a tempered sample (marked in "
             f"`exhausted`, counted in `num_exhausted`). {advice}"
         ),
-        stacklevel=2,
+        stacklevel=3,
     )
     return result
 
