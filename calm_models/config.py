@@ -200,7 +200,8 @@ class HeadConfig:
             LayerNorms and concatenated conditioning), ``"flow"`` (flow matching) or ``"diffusion"`` (DDPM).
         hidden_size: Head width ``w``.
         num_blocks: Residual MLP blocks.
-        noise_size: Size of the energy head's uniform noise ``U[-1/2, 1/2]^z``.
+        noise_size: Size ``z`` of the energy head's input noise.
+        noise: The energy head's noise: ``"uniform"`` (``U[-1/2, 1/2]^z``, the paper's) or ``"normal"`` (``N(0, I)``).
         num_samples: Energy loss: head samples ``N`` per position (>= 2).
         num_components: Energy head: a mixture of ``J`` generators (one noise offset each) with weights
             predicted from the hidden state and trained exactly by the mixture energy score
@@ -226,6 +227,7 @@ class HeadConfig:
     hidden_size: int = 256
     num_blocks: int = 3
     noise_size: int = 64
+    noise: str = "uniform"
     num_samples: int = 8
     num_components: int = 1
     beta: float = 1.0
@@ -241,6 +243,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         _choice(self, "type", HEAD_TYPES)
         _choice(self, "flow_solver", ("euler", "midpoint"))
+        _choice(self, "noise", ("uniform", "normal"))
         _choice(self, "flow_time_dist", ("uniform", "logit_normal"))
         _ints(self, 1, "hidden_size", "noise_size", "max_target_draws", "flow_steps", "diffusion_steps")
         _ints(self, 0, "num_blocks")

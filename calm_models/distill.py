@@ -13,8 +13,9 @@ can be sampled as often as needed (the *teacher*):
   :math:`(1-w)\,\mathrm{ES}(Q, \text{teacher}) + w\,\mathrm{ES}(Q, \text{data})`.
 * ``loss="coupled"``: the teacher's sampler is deterministic given its starting noise (the flow
   ODE, or DDIM with ``eta = 0``), a map :math:`T_h(x_0)` from :math:`x_0 \sim N(0, I)` to its
-  samples. The student is fed the same noise, made uniform, :math:`u = \Phi(x_0) - 1/2`, and
-  regresses :math:`\lVert g_h(u) - T_h(x_0)\rVert^2` (mean over the latent axis): if it fits,
+  samples. The student is fed the same noise (as it is with ``calm.head.noise="normal"``, or
+  made uniform, :math:`u = \Phi(x_0) - 1/2`, for the paper's uniform noise) and regresses
+  :math:`\lVert g_h(u) - T_h(x_0)\rVert^2` (mean over the latent axis): if it fits,
   its samples have exactly the teacher's distribution, with one network evaluation.
   ``energy_weight`` adds the energy loss above.
 
@@ -176,7 +177,8 @@ class Distiller(nn.Module):
         x0 = torch.randn((n, *hidden.shape[:-1], latent), generator=generator, device=hidden.device)  # (N, b, P, l)
         with torch.no_grad():
             target = self.teacher.head.sample(t_hidden, n, generator, noise=x0.to(t_hidden.dtype), **self._steps())
-        pred = self.student.head.sample(hidden, n, generator, noise=uniform_from_normal(x0).to(hidden.dtype))
+        u = x0 if self.student.head.cfg.noise == "normal" else uniform_from_normal(x0)  # the student's own noise law
+        pred = self.student.head.sample(hidden, n, generator, noise=u.to(hidden.dtype))
         return (pred.float() - target.float()).pow(2).mean(-1).mean(0)
 
     def _steps(self) -> dict:

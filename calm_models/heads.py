@@ -106,7 +106,8 @@ def _check_noise(head: nn.Module, noise: object, shape: tuple[int, ...], hidden:
 class EnergyHead(nn.Module):
     r"""CALM's energy head: one forward pass from (hidden state, uniform noise) to a latent vector.
 
-    A sample is ``x = g(eps; c)``, ``eps ~ U[-1/2, 1/2]^z``, through the adaLN blocks modulated
+    A sample is ``x = g(eps; c)``, ``eps ~ U[-1/2, 1/2]^z`` (or ``N(0, I)`` with ``cfg.noise="normal"``),
+    through the adaLN blocks modulated
     by ``c = Linear(hidden)``; the output layer is zero-initialised (every sample is 0 at init).
     Training minimises the negated unbiased energy score of ``N = cfg.num_samples`` samples
     against the ``M`` targets,
@@ -149,13 +150,13 @@ class EnergyHead(nn.Module):
     ) -> torch.Tensor:
         """``num_samples`` draws per position, ``(..., h)`` -> ``(n, ..., l)`` (differentiable).
 
-        ``noise`` ``(n, ..., z)`` in ``[-1/2, 1/2]`` replaces the uniform draws (the distill stage
-        pairs it with a teacher's noise); a mixture still draws its components.
+        ``noise`` ``(n, ..., z)`` replaces the draws of ``cfg.noise`` (the distill stage pairs it
+        with a teacher's noise); a mixture still draws its components.
         """
         _check_inputs(self, hidden)
         shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
         if noise is None:
-            eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+            eps = self._noise(shape, hidden, generator)
         else:
             eps = _check_noise(self, noise, shape, hidden).to(hidden.dtype)
         if self.cfg.num_components > 1:  # component of each draw: j ~ pi, (B, n) -> (n, ...)
@@ -163,6 +164,12 @@ class EnergyHead(nn.Module):
             j = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
             eps = eps + self.components(j.T.reshape(shape[:-1])).to(eps.dtype)
         return self._generate(eps, hidden).to(hidden.dtype)  # (n, ..., l)
+
+    def _noise(self, shape: tuple[int, ...], hidden: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The generator's input noise: ``U[-1/2, 1/2]`` (``cfg.noise="uniform"``, the paper's) or ``N(0, 1)``."""
+        if self.cfg.noise == "normal":
+            return torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype)
+        return torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
 
     def _generate(self, eps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(eps, F.silu(self.cond_proj(hidden)).unsqueeze(0))  # condition (1, ..., w): shared
@@ -177,7 +184,7 @@ class EnergyHead(nn.Module):
             samples = self.sample(hidden, self.cfg.num_samples, generator=generator)  # (N, ..., l)
             return energy_loss(samples, targets, beta=self.cfg.beta, reduction="none")
         shape = (j, self.cfg.num_samples // j, *hidden.shape[:-1], self.cfg.noise_size)
-        eps = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        eps = self._noise(shape, hidden, generator)
         eps = eps + self.components.weight.view(j, 1, *[1] * (hidden.dim() - 1), -1).to(eps.dtype)
         samples = self._generate(eps.flatten(0, 1), hidden).unflatten(0, shape[:2])  # (J, N / J, ..., l)
         weights = self.mixture(hidden).float().softmax(-1)  # (..., J)

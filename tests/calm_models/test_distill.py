@@ -197,3 +197,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, words):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:"), err
     assert all(w in err for w in words), err
+
+
+def test_coupled_pairs_a_normal_noise_student_with_the_teachers_own_noise():
+    """``calm.head.noise="normal"``: the student gets the teacher's ``x0`` itself (no probability transform)."""
+    student, teacher = _models(HeadConfig(hidden_size=32, noise_size=8, noise="normal"))
+
+    class Copy(torch.nn.Module):  # g(x0) = T(x0)
+        cfg = student.head.cfg
+
+        def sample(self, hidden, n, generator=None, *, noise):
+            return teacher.head.sample(hidden, n, noise=noise)
+
+    student.head = Copy()
+    out = Distiller(student, teacher, DistillConfig(loss="coupled")).loss(torch.randint(0, 50, (2, 16)))
+    assert float(out["coupled"]) < 1e-10
+
+
+def test_energy_head_normal_noise_is_standard_normal():
+    from calm_models.heads import EnergyHead
+
+    head = EnergyHead(HeadConfig(hidden_size=16, noise_size=4, noise="normal"), cond_size=8, latent_size=4)
+    eps = head._noise((5000, 4), torch.zeros(1, 8), torch.Generator().manual_seed(0)).flatten()
+    assert stats.kstest(eps.numpy(), "norm").pvalue > 1e-3
+    uniform = EnergyHead(HeadConfig(hidden_size=16, noise_size=4), cond_size=8, latent_size=4)
+    assert uniform._noise((100, 4), torch.zeros(1, 8), None).abs().max() <= 0.5
