@@ -39,7 +39,7 @@ def test_uniform_from_normal_is_uniform():
 
 def test_frozen_trunk_is_the_teachers_and_only_the_head_learns():
     student, teacher = _models()
-    distiller = Distiller(student, teacher, DistillConfig())
+    distiller = Distiller(student, teacher, DistillConfig(loss="energy"))
     for name in TRUNK:
         for (k, a), b in zip(
             getattr(student, name).state_dict().items(), getattr(teacher, name).state_dict().values(), strict=True
@@ -53,7 +53,7 @@ def test_frozen_trunk_is_the_teachers_and_only_the_head_learns():
 
 def test_scratch_trunk_is_not_copied_and_learns():
     student, teacher = _models()
-    distiller = Distiller(student, teacher, DistillConfig(backbone="scratch", real_weight=0.5))
+    distiller = Distiller(student, teacher, DistillConfig(loss="energy", backbone="scratch", real_weight=0.5))
     assert not torch.equal(student.embedding.weight, teacher.embedding.weight)
     distiller.loss(torch.randint(0, 50, (2, 16)))["loss"].backward()
     assert student.embedding.weight.grad is not None and teacher.embedding.weight.grad is None
@@ -62,7 +62,7 @@ def test_scratch_trunk_is_not_copied_and_learns():
 def test_real_weight_one_is_the_calm_loss():
     """With only the real targets the distiller's loss is CALM's own energy loss (same draws, same value)."""
     student, teacher = _models()
-    distiller = Distiller(student, teacher, DistillConfig(real_weight=1.0))
+    distiller = Distiller(student, teacher, DistillConfig(loss="energy", real_weight=1.0))
     tokens, mask = torch.randint(0, 50, (3, 16)), torch.ones(3, 16, dtype=torch.bool)
     mask[0, :6] = False
     ours = distiller.loss(tokens, mask, generator=torch.Generator().manual_seed(3))["loss"]
@@ -75,7 +75,7 @@ def test_energy_loss_against_teacher_draws_is_the_energy_score():
     from likelihood_free.energy import energy_loss
 
     student, teacher = _models()
-    cfg = DistillConfig(teacher_draws=5)
+    cfg = DistillConfig(loss="energy", teacher_draws=5)
     distiller = Distiller(student, teacher, cfg)
     tokens = torch.randint(0, 50, (2, 16))
     ours = distiller.loss(tokens, generator=torch.Generator().manual_seed(1))["loss"]
@@ -130,8 +130,8 @@ def test_ddim_teacher_with_eta_zero_is_accepted_for_coupled():
 
 def test_flops_count_the_teacher():
     student, teacher = _models()
-    few = Distiller(student, teacher, DistillConfig(teacher_draws=4)).flops_per_token(16)
-    many = Distiller(student, teacher, DistillConfig(teacher_draws=8)).flops_per_token(16)
+    few = Distiller(student, teacher, DistillConfig(loss="energy", teacher_draws=4)).flops_per_token(16)
+    many = Distiller(student, teacher, DistillConfig(loss="energy", teacher_draws=8)).flops_per_token(16)
     assert (
         many["train"] > few["train"]
         and many["inference"] == few["inference"] == student.flops_per_token(16)["inference"]
@@ -155,7 +155,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_distill_stage_resumes_exactly_and_loads_as_calm(tmp_path, capsys):
     teacher = _teacher_run(tmp_path)
-    common = {"teacher_path": teacher, "distill.teacher_draws": 4}
+    common = {"teacher_path": teacher, "calm.head.noise_size": 8}  # the coupled loss: noise of the latent size
     assert main(tiny_args(tmp_path, "straight", "distill", **common, **{"run.steps": 8})) == 0
     assert main(tiny_args(tmp_path, "split", "distill", **common, **{"run.steps": 4})) == 0
     assert main([*tiny_args(tmp_path, "split", "distill", **common, **{"run.steps": 8}), "--resume"]) == 0
@@ -185,7 +185,7 @@ def test_distill_stage_resumes_exactly_and_loads_as_calm(tmp_path, capsys):
         ({"teacher_path": "{tmp}/ae"}, ["teacher_path", "autoencoder"]),  # not a CALM
         ({"teacher_path": "{tmp}/teacher", "autoencoder_path": "{tmp}/ae2"}, ["another autoencoder"]),
         ({"teacher_path": "{tmp}/teacher", "calm.head.type": "flow"}, ["calm.head.type"]),
-        ({"teacher_path": "{tmp}/teacher", "distill.loss": "coupled"}, ["noise_size"]),
+        ({"teacher_path": "{tmp}/teacher"}, ["noise_size"]),  # the preset's 128 against this latent size 8
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, words):
