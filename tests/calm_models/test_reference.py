@@ -1,16 +1,21 @@
-"""Parity with the authors' reference implementation (issue 16).
+"""Parity with the authors' reference implementation (issues 16 and 23).
 
-Tiny reference models with random weights are built with the reference code (MIT, in
-``../shared/reference/calm``, importable by tests only), saved with ``save_pretrained``,
-converted by :func:`calm_models.convert.convert`, and must give the same outputs to 1e-5 in
-fp32: posterior mean and log-std, decoder logits, backbone hidden states (also cached), energy
-head samples for the same noise, and the energy loss for the same samples and targets. The
-converted run then works with the evaluate, generate and robustness commands.
+Tiny reference models are built with the reference code (MIT, in ``../shared/reference/calm``,
+importable by tests only), saved with ``save_pretrained``, converted by
+:func:`calm_models.convert.convert`, and must give the same outputs to 1e-5 in fp32: posterior
+mean and log-std, decoder logits, backbone hidden states (also cached), energy head samples for
+the same noise, and the energy loss for the same samples and targets. Two pairs are checked:
+random weights, and a pair *trained* for a few dozen steps by the reference modules' own losses
+(as its HF-Trainer scripts do, frozen autoencoder in training mode included). For the trained
+pair the project's BrierLM evaluator must also reproduce the reference's own Brier estimates:
+exactly for the same head noise, and within standard errors for the reference's own sampling.
+The converted run then works with the evaluate, generate and robustness commands.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import torch
 from calm_models import evaluate, generate, robustness
 from calm_models.convert import ConversionError, convert
 from calm_models.convert import main as convert_main
+from calm_models.evaluate import evaluate_brier_lm
 from calm_models.runs import load_run
 from likelihood_free.energy import energy_loss
 
@@ -106,14 +112,84 @@ def reference(tmp_path_factory) -> dict:
     }
 
 
+def _language(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, L)`` blocks of a toy language tiny models learn in a few dozen steps: ``10 + (s + i) mod 6``."""
+    start = torch.randint(6, (n, 1), generator=generator)
+    return 10 + (start + torch.arange(L)) % 6
+
+
+def _fit(model: torch.nn.Module, steps: int, lr: float, generator: torch.Generator, warmup: int = 0) -> None:
+    """AdamW on the reference module's own loss, in training mode as under its HF Trainer (linear warm-up)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+    for _ in range(steps):
+        tokens = _language(32, generator)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A tiny reference autoencoder (40 steps) and CALM on it (80 steps), trained, saved and converted."""
+    tmp = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(100)
+    ae = RefAutoencoder(RefAEConfig(vocab_size=V, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=K))
+    _fit(ae, 40, 1e-2, g)
+    ae.save_pretrained(tmp / "ae", safe_serialization=False)
+    calm = EnergyTransformer(
+        RefCALMConfig(
+            ae_path=str(tmp / "ae"),
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            latent_size=16,
+            patch_size=K,
+            num_mlp_layers=2,
+            noise_size=8,
+            pad_token_id=V - 1,  # pad = EOS, as the benchmark's wrapped tokenizers
+            eos_token_id=V - 1,
+        )
+    )
+    _fit(calm, 80, 1e-2, g, warmup=10)
+    calm.save_pretrained(tmp / "calm", safe_serialization=False)
+    for folder in (tmp / "ae", tmp / "calm"):
+        _tokenizer(folder)
+    ae.eval()
+    calm.eval()
+    assert convert_main([str(tmp / "calm"), str(tmp / "run")]) == 0
+    assert convert_main([str(tmp / "ae"), str(tmp / "ae-run")]) == 0
+    return {
+        "ae": ae,
+        "calm": calm,
+        "tmp": tmp,
+        "tokens": _language(64, g),  # held-out blocks of the language it learnt
+        "run": load_run(tmp / "run"),
+        "ae_run": load_run(tmp / "ae-run"),
+    }
+
+
+@pytest.fixture(params=["reference", "trained"])
+def pair(request) -> dict:
+    """Each reference pair in turn: random weights, then trained weights."""
+    return request.getfixturevalue(request.param)
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
 @torch.no_grad()
-def test_autoencoder_parity(reference):
-    ref, tokens = reference["ae"], reference["tokens"]
-    for ours in (reference["run"].model.autoencoder, reference["ae_run"].model):
+def test_autoencoder_parity(pair):
+    ref, tokens = pair["ae"], pair["tokens"]
+    for ours in (pair["run"].model.autoencoder, pair["ae_run"].model):
         mean, log_std = ours.encode(tokens)
         ref_mean, ref_log_std = ref.encoder(tokens).chunk(2, dim=-1)
         assert _max_diff(mean, ref_mean) < 1e-5 and _max_diff(log_std, ref_log_std) < 1e-5
@@ -122,8 +198,8 @@ def test_autoencoder_parity(reference):
 
 
 @torch.no_grad()
-def test_backbone_hidden_states_parity_with_and_without_cache(reference):
-    ref, model, tokens = reference["calm"], reference["run"].model, reference["tokens"]
+def test_backbone_hidden_states_parity_with_and_without_cache(pair):
+    ref, model, tokens = pair["calm"], pair["run"].model, pair["tokens"]
     b, c = tokens.shape[0], L // K
     embeds = ref.embed_proj(ref.transformer.embed_tokens(tokens).reshape(b, c, -1))
     expected = ref.transformer(inputs_embeds=embeds)[0]
@@ -134,8 +210,8 @@ def test_backbone_hidden_states_parity_with_and_without_cache(reference):
 
 
 @torch.no_grad()
-def test_energy_head_samples_and_loss_parity(reference):
-    ref, model, tokens = reference["calm"], reference["run"].model, reference["tokens"]
+def test_energy_head_samples_and_loss_parity(pair):
+    ref, model, tokens = pair["calm"], pair["run"].model, pair["tokens"]
     hidden = model.hidden_states(tokens).reshape(-1, 32)  # (P, h)
     n = 8
     torch.manual_seed(7)
@@ -150,6 +226,49 @@ def test_energy_head_samples_and_loss_parity(reference):
     targets = mean + torch.randn((100, *mean.shape)) * log_std.exp()
     loss = energy_loss(ours, targets, reduction="none")
     torch.testing.assert_close(loss.double(), -score.double(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def _reference_brier(ref, tokens: torch.Tensor, seed: int) -> torch.Tensor:
+    """The reference's own Brier-1..4 estimates (its ``eval_brier``) from two head samples per chunk boundary, with
+    the head noise of ``torch.manual_seed(seed)`` drawn for every chunk as the project's evaluator draws it."""
+    b, c = tokens.shape[0], L // K
+    hidden = ref.transformer(inputs_embeds=ref.embed_proj(ref.transformer.embed_tokens(tokens).reshape(b, c, -1)))[0]
+    torch.manual_seed(seed)
+    latents = ref.mlp_generator.sample(hidden.unsqueeze(0).repeat(2, 1, 1, 1))  # (2, b, C, l): noise (2, b, C, z)
+    out = ref.eval_brier(latents[:, :, :-1].reshape(2, b * (c - 1), -1), tokens[:, K:], None, None)
+    return torch.stack([out.brier1, out.brier2, out.brier3, out.brier4]).double()
+
+
+def test_trained_pair_learnt_something(trained):
+    """The trained pair is not a random one: it decodes the held-out chunks and predicts them above chance."""
+    assert float((trained["ae_run"].model.reconstruct(trained["tokens"]) == trained["tokens"]).float().mean()) > 0.95
+    assert float(_reference_brier(trained["calm"], trained["tokens"], seed=0)[0]) > 0.3
+
+
+def test_trained_pair_brier_equals_the_references_for_the_same_samples(trained):
+    """Our evaluator at every chunk boundary (stride K) reproduces the reference's own Brier-n for the same noise."""
+    tokens = trained["tokens"]
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        ours = evaluate_brier_lm(trained["run"].model, [tokens], stride=K, generator=gen)
+        expected = _reference_brier(trained["calm"], tokens, seed)
+        assert ours.count == tokens.shape[0] * (L // K - 1)
+        torch.testing.assert_close(torch.tensor(ours.brier, dtype=torch.float64), expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_trained_pair_brier_lm_within_standard_errors_of_the_references_forward(trained):
+    """The reference's forward pass in eval mode (its loss and Brier estimates, its own sampling) agrees with our
+    evaluator's independent estimate within four standard errors of the difference, for each Brier-n."""
+    tokens = trained["tokens"]
+    torch.manual_seed(3)
+    out = trained["calm"](input_ids=tokens, labels=tokens)
+    theirs = torch.stack([out.brier1, out.brier2, out.brier3, out.brier4]).double()
+    ours = evaluate_brier_lm(trained["run"].model, [tokens], stride=K, generator=torch.Generator().manual_seed(4))
+    se = torch.tensor(ours.brier_se, dtype=torch.float64)
+    assert torch.all((torch.tensor(ours.brier, dtype=torch.float64) - theirs).abs() <= 4 * math.sqrt(2) * se)
+    assert ours.brier_lm > 30
 
 
 def test_converted_runs_work_with_the_commands(reference, capsys):
