@@ -119,6 +119,8 @@ class Autoencoder(nn.Module):
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size: expected the tokenizer's vocabulary size, got None")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.encoder = _Encoder(config)

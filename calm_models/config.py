@@ -83,7 +83,9 @@ class AutoencoderConfig:
     """The robust variational autoencoder (:class:`calm_models.autoencoder.Autoencoder`).
 
     Attributes:
-        vocab_size: Token ids ``V`` (set from the tokenizer when training).
+        vocab_size: Token ids ``V``; ``None`` (the default, and the presets'): the tokenizer's, filled in when the
+            model is built, so the vocabulary has one home (``data``). A value that differs from the tokenizer's
+            is an error.
         chunk_size: Tokens per latent vector ``K`` (paper: 4).
         latent_size: Latent dimension ``l`` (paper: 128).
         hidden_size: Hidden width ``H`` (paper: 512).
@@ -106,7 +108,7 @@ class AutoencoderConfig:
         1280
     """
 
-    vocab_size: int = 4096
+    vocab_size: int | None = None
     chunk_size: int = 4
     latent_size: int = 128
     hidden_size: int = 512
@@ -655,7 +657,7 @@ def _tiny(stage: str) -> TrainConfig:
         data=DataConfig(
             vocab_size=2048, block_len=64, max_train_bytes=n, max_valid_bytes=n // 10, tokenizer_train_bytes=n
         ),
-        autoencoder=AutoencoderConfig(vocab_size=2048, hidden_size=256, intermediate_size=640, random_token_prob=0.02),
+        autoencoder=AutoencoderConfig(hidden_size=256, intermediate_size=640, random_token_prob=0.02),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=256, num_blocks=2, beta=0.5, **_student(stage))),
         baseline=BaselineConfig(**dataclasses.asdict(backbone)),
         optim=OptimConfig(lr={"autoencoder": 5e-3, "calm": 2e-3, "ar": 1e-3, "distill": 2e-3}[stage]),
@@ -672,7 +674,6 @@ def _small(stage: str) -> TrainConfig:
     return replace(
         cfg,
         data=DataConfig(block_len=128),  # no byte caps, the default vocabulary and tokenizer budget
-        autoencoder=replace(cfg.autoencoder, vocab_size=4096),
         run=replace(cfg.run, out_dir=f"runs/small-{stage}", eval_every=500, steps=steps),
     )
 
@@ -684,7 +685,7 @@ def _m(stage: str) -> TrainConfig:
     return TrainConfig(
         stage=stage,
         data=DataConfig(vocab_size=32768, block_len=2048),
-        autoencoder=AutoencoderConfig(vocab_size=32768, num_token_layers=2, num_chunk_layers=2),
+        autoencoder=AutoencoderConfig(num_token_layers=2, num_chunk_layers=2),
         calm=CALMConfig(backbone=backbone, head=HeadConfig(hidden_size=1024, num_blocks=4, **_student(stage))),
         baseline=BaselineConfig(**dataclasses.asdict(backbone)),
         optim=OptimConfig(lr=3e-4),

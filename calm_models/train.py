@@ -257,6 +257,11 @@ def _setup(cfg: TrainConfig, info: distributed.DistInfo, resume: bool, fallback:
     tokenizer, train_blocks, valid = prepare_data(cfg.data, run_dir, chunk_size=cfg.chunk_size, progress=show)
     if main_process:
         distributed.barrier()
+    if cfg.autoencoder.vocab_size not in (None, tokenizer.vocab_size):
+        raise ConfigError(
+            f"autoencoder.vocab_size={cfg.autoencoder.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
+            "leave it unset (it comes from the tokenizer; data.vocab_size sizes a new one)"
+        )
     cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, vocab_size=tokenizer.vocab_size))
     loader = BlockLoader(
         train_blocks, run.batch_size * run.grad_accum, seed=run.seed, rank=info.rank, world_size=info.world_size

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calm_models.runs import load_run
 from calm_models.train import main
 from tests.calm_models._runs import tiny_args as _tiny_args
 
@@ -75,6 +76,18 @@ def test_bad_config_gives_one_line_error(tmp_path, capsys):
     assert "optim.lrr" in err and "lr" in err and len(err.splitlines()) == 1
     assert main(_tiny_args(tmp_path, "run", **{"data.train_files": "[/nonexistent.jsonl]"})) == 2
     assert "/nonexistent.jsonl" in capsys.readouterr().err
+
+
+def test_vocabulary_comes_from_the_tokenizer(tmp_path, capsys):
+    """``autoencoder.vocab_size`` is filled in from the tokenizer (saved in the run's config); a different value set
+    by hand is a one-line error naming the key, not a silently replaced number."""
+    assert main(_tiny_args(tmp_path, "ae", "autoencoder", **{"run.steps": 1})) == 0
+    run = load_run(tmp_path / "ae")
+    assert run.config.autoencoder.vocab_size == run.tokenizer.vocab_size == run.model.embedding.num_embeddings
+    capsys.readouterr()
+    assert main(_tiny_args(tmp_path, "bad", "autoencoder", **{"run.steps": 1, "autoencoder.vocab_size": 7})) == 2
+    err = capsys.readouterr().err.strip()
+    assert "autoencoder.vocab_size=7" in err and "tokenizer" in err and len(err.splitlines()) == 1
 
 
 def _env() -> dict:
