@@ -485,6 +485,9 @@ def train_reference(
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        # resuming: transformers 4.43 reads its own rng_state.pth (numpy arrays) with torch.load's default, which
+        # torch >= 2.6 made weights_only; these are the run's own files
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
     }
     log = run_dir / "train.log"
     if not quiet:
