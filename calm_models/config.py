@@ -607,23 +607,38 @@ class TrainConfig:
 class PipelineConfig:
     """Autoencoder stage, CALM on it, the token baseline at the same training FLOPs, BrierLM of both, a sample.
 
+    Each stage is the preset's :class:`TrainConfig` of that stage with the section's keys merged over it (any key of
+    :class:`TrainConfig`, e.g. ``lm_stage.calm.head.type=flow``); the pipeline itself sets ``stage``,
+    ``run.out_dir`` (``out_dir/autoencoder``, ``calm``, ``baseline``), the CALM stage's ``autoencoder_path``, the
+    baseline's tokenizer (the autoencoder run's) and its ``run.steps`` (matched to the training FLOPs).
+
     Attributes:
-        out_dir: Parent directory of the ``autoencoder/`` and ``calm/`` runs.
-        ae_stage: The autoencoder stage (its ``run.out_dir`` is replaced).
-        lm_stage: The CALM stage (``run.out_dir`` and ``autoencoder_path`` are replaced).
-        ar_stage: The token baseline, trained on the same tokenizer to the total training FLOPs of the autoencoder and
-            CALM together (``run.steps`` is replaced), then scored on the same blocks; ``compare=False`` skips it.
+        out_dir: Parent directory of the ``autoencoder/``, ``calm/`` and ``baseline/`` runs.
+        preset: The preset every stage starts from (``tiny``, ``small``, ``m``; ``--preset`` on the command line).
+        ae_stage: Keys of the autoencoder stage that differ from the preset.
+        lm_stage: Keys of the CALM stage that differ from the preset.
+        ar_stage: Keys of the token baseline's stage that differ from the preset; ``compare=False`` skips it.
         compare: Train and score the baseline.
         prompt: Prompt of the sample printed at the end.
         sample_tokens: Tokens generated for it.
         temperature: Sampling temperature in ``(0, 1]``.
         eval_blocks: Validation blocks of the final BrierLM (at most).
+
+    Example:
+        >>> cfg = load_config(PipelineConfig, overrides=["lm_stage.calm.head.type=flow"])
+        >>> cfg.stage_config("calm").calm.head.type, cfg.stage_config("autoencoder").run.steps
+        ('flow', 400)
+        >>> load_config(PipelineConfig, overrides=["lm_stage.calm.head.typo=flow"])
+        Traceback (most recent call last):
+        ...
+        calm_models.config.ConfigError: lm_stage.calm.head.typo: Key 'typo' not in 'HeadConfig'. Did you mean: 'type'?
     """
 
     out_dir: str = "runs/pipeline"
-    ae_stage: TrainConfig = field(default_factory=TrainConfig)
-    lm_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="calm"))
-    ar_stage: TrainConfig = field(default_factory=lambda: TrainConfig(stage="ar"))
+    preset: str = "tiny"
+    ae_stage: dict[str, Any] = field(default_factory=dict)
+    lm_stage: dict[str, Any] = field(default_factory=dict)
+    ar_stage: dict[str, Any] = field(default_factory=dict)
     compare: bool = True
     prompt: str = "def "
     sample_tokens: int = 64
@@ -634,6 +649,29 @@ class PipelineConfig:
         _ints(self, 1, "sample_tokens", "eval_blocks")
         _need(bool(self.prompt), "prompt must not be empty (the sample continues it)")
         _interval(self, 0, 1, "temperature", closed="(]")
+        _choice(self, "preset", tuple(PRESETS))
+        for stage in _PIPELINE_STAGES:  # a typo fails now, not after an hour of training
+            self.stage_config(stage)
+
+    def stage_config(self, stage: str, **fixed: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of ``stage`` (``autoencoder``, ``calm`` or ``ar``) with ``fixed`` dotted keys.
+
+        Raises:
+            ConfigError: One line naming the key in its section, e.g. ``lm_stage.calm.head.typo: Key 'typo' not in
+                'HeadConfig'``.
+        """
+        section = _PIPELINE_STAGES[stage]
+        overrides = [f"{key}={value}" for key, value in {"stage": stage, **fixed}.items()]
+        try:
+            return load_config(
+                TrainConfig, preset=preset(self.preset, stage), data=getattr(self, section), overrides=overrides
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{section}.{exc}") from None
+
+
+#: The pipeline's sections of its three stages.
+_PIPELINE_STAGES = {"autoencoder": "ae_stage", "calm": "lm_stage", "ar": "ar_stage"}
 
 
 # ------------------------------------------------------------------------------------ presets

@@ -468,32 +468,30 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
         ``{"autoencoder", "calm", "baseline": run dirs, "brier_lm": {"calm", "baseline"}, "sample": text}``.
     """
     out, flags = Path(cfg.out_dir), {"resume": resume, "fallback": fallback, "overwrite": overwrite}
-    ae_cfg = replace(cfg.ae_stage, stage="autoencoder", run=replace(cfg.ae_stage.run, out_dir=str(out / "autoencoder")))
-    ae = train(ae_cfg, **flags)
+    ae = train(cfg.stage_config("autoencoder", **{"run.out_dir": out / "autoencoder"}), **flags)
     if ae.interrupted is not None:
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
-    lm_run = replace(cfg.lm_stage.run, out_dir=str(out / "calm"))
-    lm_cfg = replace(cfg.lm_stage, stage="calm", autoencoder_path=str(ae.run_dir), run=lm_run)
+    lm_cfg = cfg.stage_config("calm", **{"run.out_dir": out / "calm", "autoencoder_path": ae.run_dir})
     lm = train(lm_cfg, **flags)
     result, spent = {"autoencoder": ae.run_dir, "calm": lm.run_dir}, ae.metrics.get("train_flops", 0.0)
     runs = {f"CALM (autoencoder + CALM: {spent + lm.metrics.get('train_flops', 0.0):.2e} training FLOPs)": lm.run_dir}
     if cfg.compare and lm.interrupted is None:  # the baseline on the same tokenizer, to the same training FLOPs
         spent += lm.metrics["train_flops"]
-        data = replace(cfg.ar_stage.data, tokenizer=str(ae.run_dir / "tokenizer.json"))
-        run = cfg.ar_stage.run
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tokens = run.batch_size * run.grad_accum * world * data.block_len
-        vocab = TextTokenizer.load(data.tokenizer).vocab_size
-        per_token = build_model(cfg.ar_stage, vocab).flops_per_token(data.block_len)["train"]
-        run = replace(run, out_dir=str(out / "baseline"), steps=max(1, round(spent / (per_token * tokens))))
-        ar = train(replace(cfg.ar_stage, stage="ar", data=data, run=run), **flags)
+        tokenizer = ae.run_dir / "tokenizer.json"
+        ar_cfg = cfg.stage_config("ar", **{"run.out_dir": out / "baseline", "data.tokenizer": tokenizer})
+        run, world = ar_cfg.run, torch.distributed.get_world_size() if distributed.is_initialized() else 1
+        tokens = run.batch_size * run.grad_accum * world * ar_cfg.data.block_len
+        per_token = build_model(ar_cfg, TextTokenizer.load(tokenizer).vocab_size).flops_per_token(ar_cfg.data.block_len)
+        ar = train(
+            replace(ar_cfg, run=replace(run, steps=max(1, round(spent / (per_token["train"] * tokens))))), **flags
+        )
         result["baseline"] = ar.run_dir
         if ar.interrupted is not None:
             return {**result, "interrupted": ar.interrupted}
         runs[f"Transformer (the same {spent:.2e} training FLOPs)"] = ar.run_dir
     if lm.interrupted is not None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return {**result, "interrupted": lm.interrupted}
-    loaded = load_run(lm_run.out_dir, device=lm_cfg.run.device)
+    loaded = load_run(lm_cfg.run.out_dir, device=lm_cfg.run.device)
     device = next(loaded.model.parameters()).device
     batches = held_out_batches(loaded.blocks(), cfg.eval_blocks)
     n = sum(len(b.tokens) for b in batches)
@@ -539,9 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"resume": args.resume, "fallback": args.fallback, "overwrite": args.overwrite}
     try:
         if args.stage == "pipeline":
-            stage = {s: preset(args.preset, s) for s in STAGES}
-            base = PipelineConfig(ae_stage=stage["autoencoder"], lm_stage=stage["calm"], ar_stage=stage["ar"])
-            cfg = load_config(PipelineConfig, preset=base, file=args.config, overrides=args.overrides)
+            data = {"preset": args.preset}  # a config file's preset wins over --preset's default
+            cfg = load_config(PipelineConfig, data=data, file=args.config, overrides=args.overrides)
             interrupted = run_pipeline(cfg, **flags).get("interrupted")
         else:
             stage = [o for o in args.overrides if o.split("=", 1)[0].strip() == "stage"]

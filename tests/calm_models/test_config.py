@@ -251,3 +251,27 @@ def test_baseline_options_are_settable_and_old_keys_keep_loading():
     assert tied.lm_head is None and untied.lm_head is not None
     old = {"stage": "ar", "baseline": {"hidden_size": 64, "num_heads": 2}}  # a config written before the option
     assert load_config(TrainConfig, data=old).baseline == BaselineConfig(hidden_size=64, num_heads=2)
+
+
+def test_pipeline_config_holds_only_what_differs_from_the_preset(tmp_path):
+    """Each stage is the preset's config of the stage with the section merged over it; a typo names its key at load
+    time; an old config file whose sections repeat whole stage configs still loads."""
+    cfg = load_config(PipelineConfig, overrides=["lm_stage.calm.head.type=flow", "ar_stage.optim.lr=1e-4"])
+    assert cfg.lm_stage == {"calm": {"head": {"type": "flow"}}}
+    lm = cfg.stage_config("calm", **{"run.out_dir": tmp_path / "calm", "autoencoder_path": tmp_path / "ae"})
+    assert lm.calm.head.type == "flow" and lm.autoencoder_path == str(tmp_path / "ae")
+    assert lm.calm.backbone == preset("tiny", "calm").calm.backbone and lm.run.out_dir == str(tmp_path / "calm")
+    assert cfg.stage_config("ar").optim.lr == 1e-4 and cfg.stage_config("autoencoder") == preset("tiny", "autoencoder")
+    small = load_config(PipelineConfig, data={"preset": "small"})
+    assert small.stage_config("calm").data.block_len == preset("small", "calm").data.block_len == 128
+    with pytest.raises(ConfigError, match=r"^lm_stage\.calm\.head\.typo: .*Did you mean: 'type'"):
+        load_config(PipelineConfig, overrides=["lm_stage.calm.head.typo=flow"])
+    with pytest.raises(ConfigError, match=r"^ae_stage\.run: steps must be an int >= 1"):
+        load_config(PipelineConfig, overrides=["ae_stage.run.steps=0"])
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        load_config(PipelineConfig, overrides=["preset=huge"])
+    old = tmp_path / "old.yaml"  # the 0.1 layout: full stage configs, stage names included
+    old.write_text(save_config(preset("tiny", "calm"), tmp_path / "lm.yaml").read_text().replace("\n", "\n  "))
+    text = "lm_stage:\n  " + old.read_text()
+    old.write_text(text)
+    assert load_config(PipelineConfig, file=old).stage_config("calm") == preset("tiny", "calm")
