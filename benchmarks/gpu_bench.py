@@ -39,12 +39,13 @@ def _models(tiny: bool) -> dict[str, torch.nn.Module]:
         backbone = BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, max_seq_len=512)
         cfg = replace(
             cfg,
-            autoencoder=replace(cfg.autoencoder, vocab_size=512, hidden_size=64, latent_size=16),
+            data=replace(cfg.data, vocab_size=512),
+            autoencoder=replace(cfg.autoencoder, hidden_size=64, latent_size=16),
             calm=replace(cfg.calm, backbone=backbone, head=HeadConfig(hidden_size=64, num_blocks=1)),
             baseline=BaselineConfig(**asdict(backbone)),
         )
-    calm = build_model(cfg, cfg.autoencoder.vocab_size)
-    ar = build_model(replace(cfg, stage="ar"), cfg.autoencoder.vocab_size)
+    calm = build_model(cfg, cfg.data.vocab_size)
+    ar = build_model(replace(cfg, stage="ar"), cfg.data.vocab_size)
     return {"calm": calm, "ar": ar}
 
 
