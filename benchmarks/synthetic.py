@@ -409,11 +409,6 @@ def write_data(name: str, data_dir: Path, train_tokens: int, valid_tokens: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation through the project's entry points
-# ----------------------------------------------------------------------------------------------
-
-
 def stage_config(stage: str, preset_name: str, data: dict[str, Path], run_dir: Path, overrides: list[str], **run):
     """The preset's config of ``stage`` on the language's files, ``run`` settings (``seed``,
     ``device``, ``num_threads``...), then the dotted ``overrides`` as on the training command line."""
