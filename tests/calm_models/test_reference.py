@@ -64,6 +64,33 @@ def _tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
+def _calm_config(ae_dir, **extra) -> RefCALMConfig:
+    """The tiny reference CALM of these tests (GQA, 2 layers, 2 MLP blocks) on the autoencoder saved in ``ae_dir``."""
+    sizes = dict(vocab_size=V, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=K, noise_size=8)
+    layers = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_mlp_layers=2)
+    return RefCALMConfig(ae_path=str(ae_dir), **sizes, **layers, **extra)
+
+
+def _converted(ae, calm, tmp, tokens: torch.Tensor) -> dict:
+    """Save ``calm`` in the authors' format (``ae`` is saved in ``tmp / "ae"``), add tokenizers, convert both folders
+    with the command, and return the fixture: both reference modules in eval mode, held-out ``tokens``, both runs."""
+    calm.save_pretrained(tmp / "calm", safe_serialization=False)
+    for folder in (tmp / "ae", tmp / "calm"):
+        _tokenizer(folder)
+    ae.eval()
+    calm.eval()
+    assert convert_main([str(tmp / "calm"), str(tmp / "run")]) == 0
+    assert convert_main([str(tmp / "ae"), str(tmp / "ae-run")]) == 0
+    return {
+        "ae": ae,
+        "calm": calm,
+        "tmp": tmp,
+        "tokens": tokens,
+        "run": load_run(tmp / "run"),
+        "ae_run": load_run(tmp / "ae-run"),
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """A tiny reference autoencoder and CALM (GQA, rope_theta 5e5), saved and converted."""
@@ -74,42 +101,11 @@ def reference(tmp_path_factory) -> dict:
     )
     _perturb(ae, 1)
     ae.save_pretrained(tmp / "ae", safe_serialization=False)
-    calm = EnergyTransformer(
-        RefCALMConfig(
-            ae_path=str(tmp / "ae"),
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            latent_size=16,
-            patch_size=K,
-            num_mlp_layers=2,
-            noise_size=8,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-        )
-    )
+    calm = EnergyTransformer(_calm_config(tmp / "ae", rope_theta=500000.0, rms_norm_eps=1e-5))
     _perturb(calm.transformer, 2)
     _perturb(calm.embed_proj, 3)
     _perturb(calm.mlp_generator, 4)
-    calm.save_pretrained(tmp / "calm", safe_serialization=False)  # the authors' format
-    for folder in (tmp / "ae", tmp / "calm"):
-        _tokenizer(folder)
-    ae.eval()
-    calm.eval()
-    assert convert_main([str(tmp / "calm"), str(tmp / "run")]) == 0
-    assert convert_main([str(tmp / "ae"), str(tmp / "ae-run")]) == 0
-    tokens = torch.randint(V, (3, L), generator=torch.Generator().manual_seed(5))
-    return {
-        "ae": ae,
-        "calm": calm,
-        "tmp": tmp,
-        "tokens": tokens,
-        "run": load_run(tmp / "run"),
-        "ae_run": load_run(tmp / "ae-run"),
-    }
+    return _converted(ae, calm, tmp, torch.randint(V, (3, L), generator=torch.Generator().manual_seed(5)))
 
 
 def _language(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -141,39 +137,10 @@ def trained(tmp_path_factory) -> dict:
     ae = RefAutoencoder(RefAEConfig(vocab_size=V, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=K))
     _fit(ae, 40, 1e-2, g)
     ae.save_pretrained(tmp / "ae", safe_serialization=False)
-    calm = EnergyTransformer(
-        RefCALMConfig(
-            ae_path=str(tmp / "ae"),
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            latent_size=16,
-            patch_size=K,
-            num_mlp_layers=2,
-            noise_size=8,
-            pad_token_id=V - 1,  # pad = EOS, as the benchmark's wrapped tokenizers
-            eos_token_id=V - 1,
-        )
-    )
+    # pad = EOS, as the benchmark's wrapped tokenizers
+    calm = EnergyTransformer(_calm_config(tmp / "ae", pad_token_id=V - 1, eos_token_id=V - 1))
     _fit(calm, 80, 1e-2, g, warmup=10)
-    calm.save_pretrained(tmp / "calm", safe_serialization=False)
-    for folder in (tmp / "ae", tmp / "calm"):
-        _tokenizer(folder)
-    ae.eval()
-    calm.eval()
-    assert convert_main([str(tmp / "calm"), str(tmp / "run")]) == 0
-    assert convert_main([str(tmp / "ae"), str(tmp / "ae-run")]) == 0
-    return {
-        "ae": ae,
-        "calm": calm,
-        "tmp": tmp,
-        "tokens": _language(64, g),  # held-out blocks of the language it learnt
-        "run": load_run(tmp / "run"),
-        "ae_run": load_run(tmp / "ae-run"),
-    }
+    return _converted(ae, calm, tmp, _language(64, g))  # held-out blocks of the language it learnt
 
 
 @pytest.fixture(params=["reference", "trained"])
