@@ -660,12 +660,14 @@ class PipelineConfig:
             ConfigError: One line naming the key in its section, e.g. ``lm_stage.calm.head.typo: Key 'typo' not in
                 'HeadConfig'``.
         """
+        from omegaconf import OmegaConf
+
         section = _PIPELINE_STAGES[stage]
-        overrides = [f"{key}={value}" for key, value in {"stage": stage, **fixed}.items()]
+        data = OmegaConf.create(getattr(self, section))
+        for key, value in {"stage": stage, **fixed}.items():  # values as they are, not parsed as YAML (paths)
+            OmegaConf.update(data, key, str(value) if isinstance(value, os.PathLike) else value, force_add=True)
         try:
-            return load_config(
-                TrainConfig, preset=preset(self.preset, stage), data=getattr(self, section), overrides=overrides
-            )
+            return load_config(TrainConfig, preset=preset(self.preset, stage), data=OmegaConf.to_container(data))
         except ConfigError as exc:
             raise ConfigError(f"{section}.{exc}") from None
 
