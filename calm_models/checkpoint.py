@@ -51,7 +51,7 @@ import torch
 import yaml
 from torch import nn
 
-from calm_models._layers import atomic_write
+from calm_models._layers import atomic_write, check_int
 from calm_models.config import config_to_dict, diff_configs, flatten_config
 from calm_models.distributed import barrier, is_initialized
 from calm_models.errors import CalmError
@@ -190,10 +190,7 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         True
     """
     root = _root(run_dir)
-    try:
-        name = (root / "latest").read_text(encoding="utf-8").strip()
-    except OSError:
-        name = ""
+    name = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
     if name and "/" not in name:
         with contextlib.suppress(CheckpointError):
             read_meta(root / name)
@@ -333,8 +330,7 @@ def save_checkpoint(
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    check_int(step, "step", 0)
     train_state = _plain(dict(train_state or {}), "train_state")
     name = name or f"step_{step:06d}"
     if name in (".", "..", "latest") or "/" in name or _TRANSIENT.match(name):
@@ -350,9 +346,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(root)
-        tmp = root / f"{name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = root / f"{name}.tmp-{os.getpid()}"  # (_clean_leftovers removed an earlier one of this process)
         tmp.mkdir()
         _write_model_file(weights, tmp / MODEL_FILE)
         sched = None if scheduler is None else scheduler.state_dict()

@@ -19,9 +19,6 @@ can be sampled as often as needed (the *teacher*):
   its samples have exactly the teacher's distribution, with one network evaluation.
   ``energy_weight`` adds the energy loss above.
 
-The trunk (embedding, input compression, backbone) comes from the teacher: ``"frozen"`` (only
-the head learns; teacher and student share the hidden states), ``"finetune"`` or ``"scratch"``.
-
 Axis key: ``b`` rows, ``C`` chunks, ``P = C - 1`` predicted chunks, ``h`` width, ``l`` latent
 size, ``N`` student samples, ``M`` teacher draws.
 """
@@ -51,11 +48,6 @@ def uniform_from_normal(x0: torch.Tensor) -> torch.Tensor:
         tensor([ 0.0000,  0.3413, -0.5000])
     """
     return 0.5 * torch.erf(x0 / math.sqrt(2.0))
-
-
-def _deterministic(head: nn.Module) -> bool:
-    cfg = head.cfg
-    return cfg.type == "flow" or (cfg.type == "diffusion" and cfg.diffusion_eta == 0)
 
 
 class Distiller(nn.Module):
@@ -94,7 +86,8 @@ class Distiller(nn.Module):
         if student.autoencoder is not teacher.autoencoder:
             raise ValueError("the student must use the teacher's autoencoder (the same module)")
         if cfg.loss == "coupled":
-            if not _deterministic(teacher.head):
+            head = teacher.head.cfg
+            if not (head.type == "flow" or (head.type == "diffusion" and head.diffusion_eta == 0)):
                 raise ValueError(
                     "loss='coupled' needs a teacher whose sampler is deterministic given its noise (a flow head, or "
                     f"diffusion with diffusion_eta=0), got {teacher.head.cfg.type!r}"
@@ -182,9 +175,7 @@ class Distiller(nn.Module):
         return (pred.float() - target.float()).pow(2).mean(-1).mean(0)
 
     def _steps(self) -> dict:
-        if self.teacher.head.cfg.type in ("flow", "diffusion"):
-            return {"num_steps": self.cfg.teacher_steps}
-        return {}
+        return {"num_steps": self.cfg.teacher_steps} if self.teacher.head.cfg.type in ("flow", "diffusion") else {}
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Analytic ``train`` FLOPs per token of one distillation step (teacher included) and the student's

@@ -1,8 +1,7 @@
 """Build models from configs, and load trained runs (model, config, tokenizer) for the tools.
 
 A *run directory* holds ``config.yaml``, ``tokenizer.json``, ``metrics.jsonl`` and ``checkpoints/``; every checkpoint
-also holds the config it was saved with. :func:`load_run` takes a run directory (its newest usable checkpoint) or one
-checkpoint directory and says which checkpoint it uses and why, when that is not the newest one.
+also holds the config it was saved with.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ import signal
 import socket
 import sys
 import time
-from contextlib import nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from calm_models.data import BlockLoader, DataError, PackedBlocks, TextTokenizer
 from calm_models.distill import Distiller
 from calm_models.errors import CalmError
 from calm_models.evaluate import evaluate_brier_lm, format_result, held_out_batches, score_run
+from calm_models.generate import generate_text
 from calm_models.metrics import MetricsLogger
 from calm_models.optim import build_optimizer, build_scheduler
 from calm_models.runs import RunError, build_model, load_run
@@ -107,37 +109,30 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-class _RunLock:
-    """A :class:`filelock.FileLock` on ``run_dir/.lock`` for the run's life (the OS releases it when its
-    process dies); ``run_dir/.lock.owner`` says who holds it, and a leftover one names the dead holder."""
+@contextmanager
+def _RunLock(run_dir: Path) -> Iterator[None]:
+    """A :class:`filelock.FileLock` on ``run_dir/.lock`` for the run's life (the OS releases it when its process
+    dies); ``run_dir/.lock.owner`` says who holds it, and a leftover one names the dead holder."""
+    from filelock import FileLock, Timeout
 
-    def __init__(self, run_dir: Path) -> None:
-        from filelock import FileLock
-
-        self.path, self.owner = run_dir / ".lock", run_dir / ".lock.owner"
-        self._lock = FileLock(self.path)
-
-    def __enter__(self) -> _RunLock:
-        from filelock import Timeout
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            holder = self.owner.read_text().strip() if self.owner.exists() else ""
-            raise TrainError(
-                f"{self.path.parent} is in use by a running training ({holder or 'another process'}); "
-                "use another run.out_dir or wait for it to finish"
-            ) from None
-        previous = self.owner.read_text().strip() if self.owner.exists() else ""
-        if previous:
-            print(f"note: taking over the stale lock of {previous} (that process is gone)", file=sys.stderr)
-        self.owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.owner.unlink(missing_ok=True)
-        self._lock.release()
+    lock, owner = FileLock(run_dir / ".lock"), run_dir / ".lock.owner"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.exists() else ""
+        raise TrainError(
+            f"{run_dir} is in use by a running training ({holder or 'another process'}); "
+            "use another run.out_dir or wait for it to finish"
+        ) from None
+    if owner.exists() and (previous := owner.read_text().strip()):
+        print(f"note: taking over the stale lock of {previous} (that process is gone)", file=sys.stderr)
+    owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
+    try:
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
 
 
 def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -155,27 +150,6 @@ def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _resume_point(run_dir: Path, fallback: bool) -> Path | None:
-    """The checkpoint to resume from; a corrupt newest one is named, and skipped only with ``fallback``."""
-    good, skipped = ckpt.newest_sound_checkpoint(run_dir)
-    if not skipped:
-        good = good or ckpt.latest_checkpoint(run_dir)  # also custom-named checkpoints
-        if good is None:
-            print(f"note: --resume given but {run_dir} has no checkpoint; starting from scratch", file=sys.stderr)
-        return good
-    newest, problem = skipped[0]
-    if good is None:
-        raise TrainError(f"cannot resume: {problem}, and no older checkpoint is complete")
-    if not fallback:
-        raise TrainError(
-            f"cannot resume from the newest checkpoint {newest.name}: {problem}; the "
-            f"newest complete one is {good.name}: pass --fallback to resume from it"
-        )
-    reason = f"the newest complete checkpoint, because {newest.name} is unusable ({problem})"
-    print(f"note: resuming from {good.name}, {reason}", file=sys.stderr)
-    return good
-
-
 def _load(path: str | None, key: str, stages: tuple[str, ...], what: str):
     """The run at ``path`` (the config field ``key``), which must be of one of ``stages``."""
     if not path:
@@ -190,23 +164,18 @@ def _load(path: str | None, key: str, stages: tuple[str, ...], what: str):
 
 
 def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None, nn.Module | None]:
-    """The CALM stage reads its autoencoder run (architecture, tokenizer, weights); the distill stage its teacher.
-
-    Returns the resolved config, the frozen autoencoder and the teacher (or ``None``).
-    """
+    """The config resolved with the stage's source run (CALM: its autoencoder; distill: its teacher), the frozen
+    autoencoder and the teacher (``None`` for the other stages)."""
     if cfg.stage not in ("calm", "distill"):
         return cfg, None, None
     teacher = None
     if cfg.stage == "distill":
-        teacher = _load(cfg.teacher_path, "teacher_path", ("calm", "distill"), "a trained CALM (the teacher)")
-        ae, ae_cfg, tokenizer = teacher.model.autoencoder, teacher.config.autoencoder, teacher.run_dir
+        source = teacher = _load(cfg.teacher_path, "teacher_path", ("calm", "distill"), "a trained CALM (the teacher)")
+        ae = teacher.model.autoencoder
         if cfg.autoencoder_path:  # given: it must be the teacher's
-            own = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "an autoencoder")
+            own = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "an autoencoder").model.state_dict()
             theirs = ae.state_dict()
-            same = own.model.state_dict().keys() == theirs.keys() and all(
-                v.shape == theirs[k].shape and torch.equal(v, theirs[k]) for k, v in own.model.state_dict().items()
-            )
-            if not same:
+            if own.keys() != theirs.keys() or not all(torch.equal(v, theirs[k]) for k, v in own.items()):
                 raise TrainError(
                     f"teacher_path={cfg.teacher_path} was trained on another autoencoder than "
                     f"autoencoder_path={cfg.autoencoder_path}; leave autoencoder_path unset to use the teacher's"
@@ -215,10 +184,10 @@ def _stage_config(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module | None, nn.M
             trunk = {k: getattr(teacher.config.calm, k) for k in ("backbone", "compress", "compress_ffn_size")}
             cfg = replace(cfg, calm=replace(cfg.calm, **trunk))
     else:
-        run = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "a trained autoencoder")
-        ae, ae_cfg, tokenizer = run.model, run.config.autoencoder, run.run_dir
-    data = replace(cfg.data, tokenizer=str(tokenizer / "tokenizer.json"))
-    return replace(cfg, autoencoder=ae_cfg, data=data), ae, teacher and teacher.model
+        source = _load(cfg.autoencoder_path, "autoencoder_path", ("autoencoder",), "a trained autoencoder")
+        ae = source.model
+    data = replace(cfg.data, tokenizer=str(source.run_dir / "tokenizer.json"))
+    return replace(cfg, autoencoder=source.config.autoencoder, data=data), ae, teacher and teacher.model
 
 
 @dataclass
@@ -243,14 +212,10 @@ class _Session:
     skipped: int = 0
     started: float = 0.0  # perf_counter() at step 0 of the whole run (resumed runs count their earlier time)
 
-    @property
-    def main(self) -> bool:
-        return self.info.rank == 0
-
 
 def _setup(cfg: TrainConfig, info: distributed.DistInfo, resume: bool, fallback: bool, show: bool) -> _Session:
     """Data, model, optimiser and schedule of a claimed run directory; resumed from a checkpoint if asked."""
-    run, run_dir, main_process = cfg.run, Path(cfg.run.out_dir), info.rank == 0
+    run, run_dir, main_process = cfg.run, Path(cfg.run.out_dir), info.is_main
     cfg, autoencoder, teacher = _stage_config(cfg)
     if not main_process:  # rank 0 trains the tokenizer and fills the token cache first
         distributed.barrier()
@@ -276,29 +241,49 @@ def _setup(cfg: TrainConfig, info: distributed.DistInfo, resume: bool, fallback:
     objective = distributed.wrap_model(_Objective(trained), info, run.strategy, fsdp_modules=(Block,))
     optimizer = build_optimizer(model, cfg.optim)  # after FSDP replaced the parameters
     scheduler = build_scheduler(optimizer, cfg.schedule, run.steps)
-    start_from = _resume_point(run_dir, fallback) if resume else None
     s = _Session(
         cfg, info, run_dir, model, torch.compile(objective) if run.compile else objective, optimizer, scheduler,
         loader, valid, trained.flops_per_token(cfg.data.block_len)["train"],
         run.batch_size * run.grad_accum * info.world_size * cfg.data.block_len,
     )  # fmt: skip
-    if start_from is not None:
-        state = ckpt.load_checkpoint(start_from, sections=cfg.model_sections(), **_parts(s))
-        s.step, s.tokens, s.elapsed, s.skipped = state["step"], state["tokens"], state["elapsed"], state["skipped"]
-        try:
-            loader.load_state_dict(state["loader"])
-        except (ValueError, KeyError) as exc:
-            raise TrainError(f"cannot resume the data position of {start_from}: {exc}") from None
-        rngs = state["rng"]
-        ckpt.restore_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        if main_process:
-            print(f"resuming from {start_from} (step {s.step})", file=sys.stderr)
+    resumed = resume and _resume(s, fallback)
     if main_process:
         save_config(cfg, run_dir / "config.yaml")
-    resume_step = s.step if start_from is not None else None
+    resume_step = s.step if resumed else None
     s.logger = MetricsLogger(run_dir, enabled=main_process, tensorboard=run.tensorboard, resume_step=resume_step)
     s.started = time.perf_counter() - s.elapsed
     return s
+
+
+def _resume(s: _Session, fallback: bool) -> bool:
+    """Restore the run's checkpoint (False if it has none); a corrupt newest one is named, and skipped only with
+    ``fallback``."""
+    good, skipped = ckpt.newest_sound_checkpoint(s.run_dir)
+    if skipped:
+        newest, problem = skipped[0]
+        if good is None:
+            raise TrainError(f"cannot resume: {problem}, and no older checkpoint is complete")
+        if not fallback:
+            raise TrainError(
+                f"cannot resume from the newest checkpoint {newest.name}: {problem}; the "
+                f"newest complete one is {good.name}: pass --fallback to resume from it"
+            )
+        reason = f"the newest complete checkpoint, because {newest.name} is unusable ({problem})"
+        print(f"note: resuming from {good.name}, {reason}", file=sys.stderr)
+    elif (good := good or ckpt.latest_checkpoint(s.run_dir)) is None:  # also custom-named checkpoints
+        print(f"note: --resume given but {s.run_dir} has no checkpoint; starting from scratch", file=sys.stderr)
+        return False
+    state = ckpt.load_checkpoint(good, sections=s.cfg.model_sections(), **_parts(s))
+    s.step, s.tokens, s.elapsed, s.skipped = state["step"], state["tokens"], state["elapsed"], state["skipped"]
+    try:
+        s.loader.load_state_dict(state["loader"])
+    except (ValueError, KeyError) as exc:
+        raise TrainError(f"cannot resume the data position of {good}: {exc}") from None
+    rngs = state["rng"]
+    ckpt.restore_rng_state(rngs[s.info.rank] if len(rngs) == s.info.world_size else rngs[0])
+    if s.info.is_main:
+        print(f"resuming from {good} (step {s.step})", file=sys.stderr)
+    return True
 
 
 def _parts(s: _Session) -> dict:
@@ -306,8 +291,7 @@ def _parts(s: _Session) -> dict:
 
 
 def _nonfinite_policy(s: _Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """A non-finite loss or gradient norm: skip the step (counted, logged) up to ``run.max_nonfinite_skips``
-    times, then stop with a one-line :class:`TrainError`; the weights are never touched."""
+    """Skip a step with a non-finite loss or gradient norm (counted) up to ``run.max_nonfinite_skips`` times, then stop."""
     s.optimizer.zero_grad(set_to_none=True)
     if s.skipped >= s.cfg.run.max_nonfinite_skips:
         s.logger.close()
@@ -368,11 +352,7 @@ def _save(s: _Session) -> None:
 
 @torch.no_grad()
 def _validate(s: _Session) -> dict:
-    """Validation loss and the stage's metric (reconstruction accuracy or BrierLM) over ranks, logged and shown.
-
-    Its randomness comes from its own generator (seeded by the run's seed and the rank), so evaluating
-    does not change the training's random stream.
-    """
+    """Validation loss and the stage's metric (reconstruction accuracy or BrierLM) over ranks, logged and shown."""
     cfg, info, model = s.cfg, s.info, s.model
     size, world = cfg.run.batch_size, info.world_size
     batches = held_out_batches(
@@ -381,7 +361,7 @@ def _validate(s: _Session) -> dict:
     batches = [(t.to(info.device), m.to(info.device)) for t, m in batches]
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)
+    gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 1000 + info.rank)  # not the training's
     losses = torch.stack([model.loss(t, m, generator=gen)["loss"].float() for t, m in batches])
     out = {"tokens": s.tokens, "train_flops": s.flops_per_token * s.tokens}
     out["loss"] = float(distributed.all_reduce_mean(losses.mean()))
@@ -393,7 +373,7 @@ def _validate(s: _Session) -> dict:
         out.update(evaluate_brier_lm(model, batches, stride=cfg.run.eval_stride, generator=gen).to_dict())
     model.train(was_training)
     s.logger.log(out, step=s.step, split="valid")
-    if s.main:
+    if s.info.is_main:
         keys = ("loss", "recon_acc_sigma0", "recon_acc_sigma0.3", "brier_lm", "brier_lm_se")
         tqdm.write(f"step {s.step} valid: " + ", ".join(f"{k}={out[k]:.4f}" for k in keys if k in out))
     return out
@@ -409,7 +389,7 @@ def _init_process(cfg: TrainConfig) -> distributed.DistInfo:
         raise TrainError(str(exc)) from None
     torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
     run_dir = Path(cfg.run.out_dir)
-    if info.rank == 0 and run_dir.exists() and not run_dir.is_dir():
+    if info.is_main and run_dir.exists() and not run_dir.is_dir():
         raise TrainError(f"run.out_dir={run_dir} is a file, not a directory")
     return info
 
@@ -428,14 +408,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
     """
     run, run_dir = cfg.run, Path(cfg.run.out_dir)
     info = _init_process(cfg)
-    with _RunLock(run_dir) if info.rank == 0 else nullcontext():
-        if info.rank == 0:
+    with _RunLock(run_dir) if info.is_main else nullcontext():
+        if info.is_main:
             _claim(run_dir, resume, overwrite)
-        s = _setup(cfg, info, resume, fallback, show=run.progress and info.rank == 0)
+        show = run.progress and info.is_main
+        s = _setup(cfg, info, resume, fallback, show)
         autocast = distributed.autocast_context(info.device, run.precision)
-        bar = tqdm(
-            total=run.steps, initial=s.step, desc=cfg.stage, dynamic_ncols=True, disable=not run.progress or not s.main
-        )
+        bar = tqdm(total=run.steps, initial=s.step, desc=cfg.stage, dynamic_ncols=True, disable=not show)
         s.model.train()
         with _Signals() as signals:
             while s.step < run.steps and signals.received is None and (run.max_time_s or math.inf) > s.elapsed:
@@ -449,14 +428,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
                     _save(s)
         bar.close()
         _save(s)  # first the final steps, then anything that could fail
-        if signals.received is not None:
-            if s.main:
-                print(f"interrupted at step {s.step}: saved {run_dir}", file=sys.stderr)
-            s.logger.close()
-            return TrainResult(run_dir, s.step, signals.received)
-        metrics = _validate(s)
+        if signals.received is not None and info.is_main:
+            print(f"interrupted at step {s.step}: saved {run_dir}", file=sys.stderr)
+        metrics = _validate(s) if signals.received is None else {}
         s.logger.close()
-    return TrainResult(run_dir, s.step, None, metrics)
+    return TrainResult(run_dir, s.step, signals.received, metrics)
 
 
 def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False) -> dict:
@@ -473,10 +449,10 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
         return {"autoencoder": ae.run_dir, "interrupted": ae.interrupted}
     lm_cfg = cfg.stage_config("calm", **{"run.out_dir": out / "calm", "autoencoder_path": ae.run_dir})
     lm = train(lm_cfg, **flags)
-    result, spent = {"autoencoder": ae.run_dir, "calm": lm.run_dir}, ae.metrics.get("train_flops", 0.0)
-    runs = {f"CALM (autoencoder + CALM: {spent + lm.metrics.get('train_flops', 0.0):.2e} training FLOPs)": lm.run_dir}
+    result = {"autoencoder": ae.run_dir, "calm": lm.run_dir}
+    spent = ae.metrics.get("train_flops", 0.0) + lm.metrics.get("train_flops", 0.0)
+    titles = {"calm": f"CALM (autoencoder + CALM: {spent:.2e} training FLOPs)"}
     if cfg.compare and lm.interrupted is None:  # the baseline on the same tokenizer, to the same training FLOPs
-        spent += lm.metrics["train_flops"]
         tokenizer = ae.run_dir / "tokenizer.json"
         ar_cfg = cfg.stage_config("ar", **{"run.out_dir": out / "baseline", "data.tokenizer": tokenizer})
         run, world = ar_cfg.run, torch.distributed.get_world_size() if distributed.is_initialized() else 1
@@ -488,25 +464,21 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, fallback: bool = 
         result["baseline"] = ar.run_dir
         if ar.interrupted is not None:
             return {**result, "interrupted": ar.interrupted}
-        runs[f"Transformer (the same {spent:.2e} training FLOPs)"] = ar.run_dir
+        titles["baseline"] = f"Transformer (the same {spent:.2e} training FLOPs)"
     if lm.interrupted is not None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return {**result, "interrupted": lm.interrupted}
     loaded = load_run(lm_cfg.run.out_dir, device=lm_cfg.run.device)
-    device = next(loaded.model.parameters()).device
     batches = held_out_batches(loaded.blocks(), cfg.eval_blocks)
     n = sum(len(b.tokens) for b in batches)
+    score = {"stride": lm_cfg.run.eval_stride, "seed": lm_cfg.run.seed, "device": lm_cfg.run.device}
     result["brier_lm"] = {}
-    for (title, run_dir), key in zip(runs.items(), ("calm", "baseline"), strict=False):
-        score = {"stride": lm_cfg.run.eval_stride, "seed": lm_cfg.run.seed, "device": lm_cfg.run.device}
-        scores = score_run(loaded if run_dir == lm.run_dir else run_dir, batches, **score)
+    for key, title in titles.items():
+        scores = score_run(loaded if key == "calm" else result[key], batches, **score)
         print(format_result(scores, f"\n{title}: BrierLM on {n} validation blocks"))
         result["brier_lm"][key] = scores.brier_lm
-    gen = torch.Generator(device=device).manual_seed(lm_cfg.run.seed)
-    prompt = torch.tensor(loaded.tokenizer.encode(cfg.prompt), dtype=torch.long)
-    ids = loaded.model.generate(
-        [prompt], cfg.sample_tokens, temperature=cfg.temperature, eos_id=loaded.tokenizer.eos_id, generator=gen
-    ).tokens[0]
-    result["sample"] = loaded.tokenizer.decode(ids)
+    gen = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(lm_cfg.run.seed)
+    texts, _ = generate_text(loaded, [cfg.prompt], cfg.sample_tokens, temperature=cfg.temperature, generator=gen)
+    result["sample"] = texts[0]
     print(f"\nCALM sample (T={cfg.temperature}):\n{cfg.prompt}{result['sample']}")
     return result
 
