@@ -1,21 +1,13 @@
 """Import the authors' released CALM checkpoints (Hugging Face format) as runs of this project.
 
-Command line::
+Command line (:doc:`/released` explains it)::
 
     python -m calm_models.convert REFERENCE_DIR OUT_RUN [--autoencoder AE_DIR]
         [--tokenizer FILE] [--eos-token TOKEN] [--block-len 2048] [--overwrite]
 
-``REFERENCE_DIR`` holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``
-(sharded files with an ``*.index.json`` too) of an ``EnergyTransformer`` (CALM) or an
-``Autoencoder``. A CALM file normally carries its frozen autoencoder (``ae_model.*``), else
-``--autoencoder`` names its directory. The ``tokenizer.json`` beside the checkpoint (or given)
-is copied into the run, an ordinary run (``stage: calm`` or ``autoencoder``) for ``evaluate``,
-``generate`` and ``robustness``.
-
-The reference architecture is configuration, not separate code: the autoencoder without inner
-norms and with projection biases, the ``"mlp"`` input compression and the ``"energy_mlp"`` head.
-Every tensor is copied as is; an unknown, missing or misshapen key, or a config value this
-project does not implement, is refused with one line.
+``REFERENCE_DIR`` holds an ``EnergyTransformer`` (CALM, normally with its frozen autoencoder
+``ae_model.*``) or an ``Autoencoder``. Every tensor is copied as is; an unknown, missing or
+misshapen key, or a config value this project does not implement, is refused with one line.
 """
 
 from __future__ import annotations
@@ -192,15 +184,6 @@ def _calm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _find_tokenizer(given: str | None, *folders: Path) -> Path:
-    if given:
-        return Path(given)
-    for folder in folders:
-        if folder is not None and (folder / "tokenizer.json").is_file():
-            return folder / "tokenizer.json"
-    raise ConversionError(f"no tokenizer.json beside {folders[0]}; pass --tokenizer FILE")
-
-
 def convert(
     reference_dir: str | Path,
     out_run: str | Path,
@@ -252,8 +235,11 @@ def convert(
     if stage == "calm":
         run_cfg = replace(run_cfg, calm=_calm_config(cfg, ae_cfg, src))
         weights.update(_calm_keys(state))
+    beside = [d / "tokenizer.json" for d in (src, ae_dir) if d is not None and (d / "tokenizer.json").is_file()]
+    if not (tokenizer or beside):
+        raise ConversionError(f"no tokenizer.json beside {src}; pass --tokenizer FILE")
     try:
-        tok = TextTokenizer.load(_find_tokenizer(tokenizer, src, ae_dir), eos_token=eos_token)
+        tok = TextTokenizer.load(tokenizer or beside[0], eos_token=eos_token)
     except DataError as exc:
         raise ConversionError(str(exc)) from None
     if tok.vocab_size != ae_cfg.vocab_size:
@@ -284,8 +270,7 @@ def _load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor], src:
 
 
 def _ae_from_weights(state: dict[str, torch.Tensor], prefix: str, calm: dict) -> dict:
-    """An autoencoder ``config.json`` read off its tensors (when the CALM file's ``ae_path``
-    folder is not at hand); training-only fields keep the reference defaults."""
+    """An autoencoder ``config.json`` read off its tensors (the CALM file's ``ae_path`` is not at hand)."""
 
     def count(side: str) -> int:
         pattern = re.compile(rf"{prefix}{side}\.{side}_layers\.(\d+)\.")

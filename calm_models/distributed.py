@@ -1,10 +1,4 @@
-"""Device, process group, data-parallel wrapping and autocast, chosen once at start-up.
-
-Single process: ``python -m calm_models.train ...``; several: ``torchrun --nproc_per_node=N -m
-calm_models.train ...``. :func:`init_distributed` reads torchrun's ``RANK``, ``LOCAL_RANK`` and
-``WORLD_SIZE``, picks the device, pins each process to ``cuda:LOCAL_RANK`` and starts the process
-group (NCCL on CUDA, Gloo otherwise); :func:`wrap_model` applies DDP or FSDP2.
-"""
+"""Device, process group, data-parallel wrapping (DDP, FSDP2) and autocast, chosen once at start-up."""
 
 from __future__ import annotations
 
@@ -68,7 +62,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's environment, pick the device and start the process group if needed.
+    """Read torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``, pick the device (``cuda:LOCAL_RANK`` on CUDA)
+    and start the process group if needed (NCCL on CUDA, Gloo otherwise).
 
     Example:
         >>> info = init_distributed("cpu")

@@ -1,18 +1,11 @@
 """BrierLM with standard errors of any :class:`~calm_models.protocol.LanguageModel`, and the
-``evaluate`` command.
-
-Every model is scored at the same token positions ``s = stride, 2*stride, ...`` of each block
-(``s + max_order <= L``): position ``s`` predicts tokens ``s .. s+max_order-1`` from tokens
-``0 .. s-1``. With the default ``stride = 8`` CALM with any ``K`` dividing 8 and every token
-model see the same prefixes and targets. Positions whose target reaches into the padding of
-the last block are not scored.
-
-Command line::
+``evaluate`` command::
 
     python -m calm_models.evaluate RUN [--data FILE ...] [--batches N] [--out FILE.json]
     python -m calm_models.evaluate --hf MODEL_DIR --data FILE [--dtype bf16] [--eos-token TOKEN]
 
-``--hf`` scores any local Hugging Face causal LM (:mod:`calm_models.hf`) the same way.
+Every model is scored at the positions of :func:`evaluation_starts`; ``--hf`` scores any local
+Hugging Face causal LM (:mod:`calm_models.hf`) the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +30,9 @@ if TYPE_CHECKING:
 
 def evaluation_starts(length: int, stride: int, max_order: int = 4) -> torch.Tensor:
     """Positions ``[stride, 2*stride, ...]`` with ``s + max_order <= length``, or a ``ValueError``.
+
+    Position ``s`` predicts tokens ``s .. s+max_order-1`` from tokens ``0 .. s-1``. With the default ``stride = 8``
+    CALM with any ``K`` dividing 8 and every token model see the same prefixes and targets.
 
     Example:
         >>> evaluation_starts(32, 8)
@@ -179,18 +175,16 @@ def format_result(result: BrierLMResult, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: an int ``>= minimum``."""
 
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return integer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=dtypes, help="--hf: weights' dtype (auto: bf16 on GPUs)")
     parser.add_argument("--eos-token", default=None, help="--hf: EOS after each document")
     parser.add_argument("--data", nargs="*", default=None, help="text/JSONL/WikiText files")
-    parser.add_argument("--batches", type=_non_negative, default=0, help="max batches, spread over the data (0: all)")
-    parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--block-len", type=_non_negative, default=0, help="default: the run's block_len")
-    parser.add_argument("--stride", type=_positive, default=8)
+    parser.add_argument("--batches", type=_at_least(0), default=0, help="max batches, spread over the data (0: all)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=8)
+    parser.add_argument("--block-len", type=_at_least(0), default=0, help="default: the run's block_len")
+    parser.add_argument("--stride", type=_at_least(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="JSON output (default: in the checkpoint)")

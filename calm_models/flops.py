@@ -1,19 +1,16 @@
 r"""Analytic FLOP counts of every model, in one place.
 
-A multiply-add counts 2 FLOPs; only matrix multiplications count (embeddings, norms, softmax,
-RoPE and residual additions are lower order). Training costs 3x the forward pass (forward +
-backward, the PaLM / nanoGPT accounting). The tests check these counts against
-:class:`torch.utils.flop_counter.FlopCounterMode`.
+A multiply-add counts 2 FLOPs; only matrix multiplications count (embeddings, norms, softmax, RoPE and residual
+additions are lower order). Training costs 3x the forward pass (forward + backward, the PaLM / nanoGPT accounting).
+The tests check these counts against :class:`torch.utils.flop_counter.FlopCounterMode`.
 
-* Backbone, per token and forward: :math:`2 L N_\text{layer} + 4 L T h` with
-  :math:`N_\text{layer} = 2h^2 + 2hGd + 3hf` (q/o, k/v, SwiGLU) and ``T`` keys attended (the
-  causal mask is not discounted, as in PaLM's appendix B).
-* Heads, per position: the conditioning once, the modulations once per network evaluation,
-  the per-sample path once per sample and evaluation.
-* CALM, per token: training = 3 x (input compression + backbone over ``T / K`` chunks + the
-  head loss with ``N`` samples) + the frozen encoder's forward for the targets, all over ``K``;
-  inference = compression + backbone + one head sample + the decoder (with the tied output
-  layer), over ``K``.
+* Backbone, per token and forward: :math:`2 L N_\text{layer} + 4 L T h` with :math:`N_\text{layer} = 2h^2 + 2hGd + 3hf`
+  (q/o, k/v, SwiGLU) and ``T`` keys attended (the causal mask is not discounted, as in PaLM's appendix B).
+* Heads, per position: the conditioning once, the modulations once per network evaluation, the per-sample path once
+  per sample and evaluation.
+* CALM, per token: training = 3 x (input compression + backbone over ``T / K`` chunks + the head loss with ``N``
+  samples) + the frozen encoder's forward for the targets, all over ``K``; inference = compression + backbone + one
+  head sample + the decoder (with the tied output layer), over ``K``.
 * Token baseline, per token: backbone + the ``h x V`` output layer.
 """
 

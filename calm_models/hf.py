@@ -1,17 +1,9 @@
 """BrierLM (and generation) for any local Hugging Face causal language model.
 
 :class:`HFLanguageModel` puts a ``transformers`` causal LM (Llama, GPT-2, Qwen, ...) behind the
-:class:`~calm_models.protocol.LanguageModel` protocol, so :func:`calm_models.evaluate.evaluate_brier_lm`
-scores it with the same estimator, positions and standard errors as the token baseline::
-
-    python -m calm_models.evaluate --hf MODEL_DIR --data FILE [--block-len 1024] [--dtype bf16]
-
-The estimate ``2 P(y_{1:n}) - P(x_{1:n})`` (:class:`~calm_models.baseline.BrierTerms`) takes
-the target's probability from one teacher-forced pass and samples ``x`` for every position at
-once, one left-padded row per position, with the model's key/value cache. The text is tokenised
-with the folder's ``tokenizer.json``, each document ending with its EOS (detected, or
-``--eos-token``; no BOS). ``transformers`` is optional (``pip install transformers``); nothing
-is downloaded.
+:class:`~calm_models.protocol.LanguageModel` protocol, so that ``python -m calm_models.evaluate --hf MODEL_DIR
+--data FILE`` scores it as it scores the token baseline. ``transformers`` is optional (``pip install transformers``);
+nothing is downloaded.
 
 Axis key: ``b`` rows, ``L`` tokens, ``P`` positions, ``n`` n-gram order, ``V`` vocabulary.
 """
@@ -56,12 +48,13 @@ class HFLanguageModel(nn.Module):
     def __init__(self, model: nn.Module, rollout_rows: int = 64) -> None:
         super().__init__()
         self.hf, self.rollout_rows = model, rollout_rows
-        cfg = model.config
-        self.vocab_size = cfg.vocab_size
-        self.max_tokens = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+        self.vocab_size = model.config.vocab_size
+        self.max_tokens = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
 
-    def _logits(self, tokens, mask=None, past=None, pos=None):
-        cache = past is not None or mask is not None
+    def _logits(self, tokens, mask=None, past=None):
+        """Logits and, given a ``mask`` of the real tokens (which sets the positions), the key/value cache."""
+        pos = None if mask is None else (mask.cumsum(1) - 1).clamp_min(0)[:, -tokens.shape[1] :]
+        cache = mask is not None
         out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=cache)
         return out.logits, out.past_key_values
 
@@ -82,7 +75,11 @@ class HFLanguageModel(nn.Module):
         max_order: int = 4,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Unbiased Brier-1..n estimates ``(b, P, n)``, position ``s`` predicting ``tokens[:, s:s+n]``."""
+        """Unbiased Brier-1..n estimates ``(b, P, n)``, position ``s`` predicting ``tokens[:, s:s+n]``.
+
+        ``2 P(y_{1:n}) - P(x_{1:n})`` (:class:`~calm_models.baseline.BrierTerms`): the target's probability from one
+        teacher-forced pass, ``x`` sampled for all positions at once (one left-padded row per position, key/value cache).
+        """
         tokens = check_tokens(tokens, vocab_size=self.vocab_size)
         b, length = tokens.shape
         starts = check_positions(positions, length, max_order, 1, tokens.device)  # (P,)
@@ -105,17 +102,15 @@ class HFLanguageModel(nn.Module):
 
     def _rollout(self, prefix, real, logits, u):
         """Sample ``n`` tokens after each left-padded prefix; their log-probabilities ``(r, n)``."""
-        mask = real.long()
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
-        past, lps = None, []
+        mask, past, lps = real.long(), None, []
         for j in range(u.shape[1]):
             x, lp = sample_with_logprob(logits, u[:, j])
             lps.append(lp)
             if j + 1 < u.shape[1]:
                 if past is None:  # prefill the prefixes, then one token per step
-                    _, past = self._logits(prefix, mask, pos=pos)
+                    _, past = self._logits(prefix, mask)
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-                step_logits, past = self._logits(x[:, None], mask, past, pos[:, -1:] + j + 1)
+                step_logits, past = self._logits(x[:, None], mask, past)
                 logits = step_logits[:, -1].float()
         return torch.stack(lps, -1)
 
@@ -136,12 +131,10 @@ class HFLanguageModel(nn.Module):
         device = next(self.parameters()).device
         tokens, real = left_pad(prompts, 0, 1, self.vocab_size, device)
         check_int(max_new_tokens, "max_new_tokens", 1)
-        mask, out, past = real.long(), [], None
+        mask, out, past, inputs = real.long(), [], None, tokens
         done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
-        inputs = tokens
         for _ in range(max_new_tokens):
-            pos = (mask.cumsum(1) - 1).clamp_min(0)[:, -inputs.shape[1] :]
-            logits, past = self._logits(inputs, mask, past if use_cache else None, pos)
+            logits, past = self._logits(inputs, mask, past if use_cache else None)
             u = torch.rand(tokens.shape[0], generator=generator, device=device)
             nxt = sample_next(logits[:, -1].float(), temperature, None, u)
             out.append(nxt)
@@ -151,8 +144,7 @@ class HFLanguageModel(nn.Module):
                     break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             inputs = nxt[:, None] if use_cache else torch.cat([tokens, torch.stack(out, 1)], 1)
-        generated = torch.stack(out, 1)
-        return Generation([cut_at_eos(r, eos_id) for r in generated.unbind(0)], 0, len(out))
+        return Generation([cut_at_eos(r, eos_id) for r in torch.stack(out, 1).unbind(0)], 0, len(out))
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """About ``2 x`` the non-embedding parameters plus attention over ``seq_len`` keys, per token."""
@@ -179,7 +171,7 @@ def load_hf_run(
         model_dir: A folder with ``config.json``, the weights and ``tokenizer.json``.
         device: ``auto`` or a torch device.
         dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16`` or ``fp32``.
-        eos_token: The EOS appended to every document (default: detected from the tokenizer).
+        eos_token: The EOS ending every document (default: detected from the tokenizer); no BOS is added.
         block_len: Tokens per evaluation block (at most the model's context).
 
     Raises:

@@ -1,9 +1,8 @@
 """Append-only training metrics: JSON lines (the source of truth), a CSV copy, optional TensorBoard.
 
-Every :meth:`MetricsLogger.log` appends one JSON object to ``run_dir/metrics.jsonl`` and one row to
-``run_dir/metrics.csv`` and flushes both, so a crash loses nothing logged. A record with a new key rewrites the CSV with
-the wider header (atomically). On resume, ``resume_step`` drops the records the interrupted run logged after its
-checkpoint, so curves have no repeated steps. Non-finite numbers are written as ``null``.
+Every :meth:`MetricsLogger.log` appends one record to ``run_dir/metrics.jsonl`` and to ``run_dir/metrics.csv`` and
+flushes both, so a crash loses nothing logged; a new key rewrites the CSV with the wider header (atomically).
+Non-finite numbers are written as ``null``.
 
 Example:
     >>> import tempfile
@@ -84,7 +83,7 @@ class MetricsLogger:
         run_dir: Run directory.
         enabled: ``False`` (on ranks other than 0) makes every method a no-op.
         tensorboard: Also write scalars under ``run_dir/tensorboard`` (warns if not installed).
-        resume_step: First drop the records with a larger ``step``.
+        resume_step: First drop the records with a larger ``step`` (an interrupted run's records after its checkpoint).
     """
 
     def __init__(

@@ -1,28 +1,5 @@
-r"""Optimisers and learning-rate schedules from :class:`~calm_models.config.OptimConfig` and
-:class:`~calm_models.config.ScheduleConfig`.
-
-:func:`build_optimizer` makes AdamW, Adam or SGD by name, or any optimiser by its dotted class path
-(``torch.optim.RAdam``, ``torch_optimizer.Lamb``, ...). Given a module, it splits the parameters
-into a **decay** group (matrices, ``ndim >= 2``) and a **no-decay** group (biases, norm gains
-and every parameter of an ``nn.Embedding``, even when tied to an output layer).
-
-:func:`build_scheduler` multiplies the learning rate at optimiser step ``s`` (``W`` warm-up
-steps, ``T`` steps in all, ``r = min_lr_ratio``) by
-
-.. math::
-    f(s) = \frac{s + 1}{W}\ (s < W), \qquad p = \mathrm{clip}\Big(\frac{s - W}{\max(1, T - W)}, 0, 1\Big),\qquad
-    f_\text{constant} = 1,\ f_\text{linear} = 1 - (1 - r) p,\
-    f_\text{cosine} = r + (1 - r) \tfrac12 (1 + \cos \pi p).
-
-Example:
-    >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
-    >>> opt = build_optimizer(model, OptimConfig(lr=1e-3))
-    >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
-    [('decay', 1, 0.1), ('no_decay', 2, 0.0)]
-    >>> sched = build_scheduler(opt, ScheduleConfig(kind="cosine", warmup_steps=2), total_steps=10)
-    >>> round(opt.param_groups[0]["lr"], 6)
-    0.0005
-"""
+"""Optimisers and learning-rate schedules from :class:`~calm_models.config.OptimConfig` and
+:class:`~calm_models.config.ScheduleConfig`."""
 
 from __future__ import annotations
 
@@ -70,12 +47,13 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into ``decay`` (matrices) and ``no_decay`` groups; empty ones dropped.
+    """Trainable parameters split into ``decay`` (matrices, ``ndim >= 2``) and ``no_decay`` groups (biases, norm
+    gains and every parameter of an ``nn.Embedding``, even when tied to an output layer); empty ones dropped.
 
     Example:
-        >>> m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+        >>> m = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
         >>> [(g["name"], [tuple(p.shape) for p in g["params"]]) for g in decay_param_groups(m, 0.1)]
-        [('decay', [(3, 3)]), ('no_decay', [(3,), (3,), (3,)])]
+        [('decay', [(3, 3)]), ('no_decay', [(5, 3), (3,), (3,), (3,)])]
     """
     embedding_modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     embeddings = {id(p) for m in embedding_modules for p in m.parameters(recurse=False)}
@@ -124,7 +102,13 @@ def build_optimizer(params_or_model: nn.Module | Iterable[Any], cfg: OptimConfig
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:
-    """Learning-rate multiplier at optimiser step ``step`` (0-based), see the module docstring.
+    r"""Learning-rate multiplier at optimiser step ``s = step`` (0-based; ``W`` warm-up steps, ``T`` steps in all,
+    ``r = min_lr_ratio``):
+
+    .. math::
+        f(s) = \frac{s + 1}{W}\ (s < W), \qquad p = \mathrm{clip}\Big(\frac{s - W}{\max(1, T - W)}, 0, 1\Big),\qquad
+        f_\text{constant} = 1,\ f_\text{linear} = 1 - (1 - r) p,\
+        f_\text{cosine} = r + (1 - r) \tfrac12 (1 + \cos \pi p).
 
     Example:
         >>> cfg = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)

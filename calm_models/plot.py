@@ -1,13 +1,8 @@
-"""Plot the learning curves of a run from its ``metrics.jsonl``.
+"""Plot the learning curves of a run from its ``metrics.jsonl`` (:func:`plot_metrics`).
 
 Usage::
 
     python -m calm_models.plot RUN_DIR [--out curves.png] [--keys loss brier_lm] [--smooth 0.9]
-
-One row of panels per metric (by default ``loss``, ``brier_lm`` and every key containing ``accuracy``, when present),
-one line per split (train/valid); the left column is against the optimiser step and, when the records carry a token
-count (``tokens``, ``tokens_seen`` or ``tokens_processed``), the right column is against tokens.  Needs matplotlib (the
-``[plot]`` extra); the Agg backend is used, so no display is required.
 """
 
 from __future__ import annotations
@@ -54,7 +49,10 @@ def plot_metrics(
     keys: Sequence[str] | None = None,
     smooth: float = 0.0,
 ) -> Path:
-    """Draw the curves of ``run_dir/metrics.jsonl`` into a PNG.
+    """Draw the curves of ``run_dir/metrics.jsonl`` into a PNG (on the Agg backend: no display needed).
+
+    One row of panels per metric, one line per split; the left column against the optimiser step and, when the
+    records carry a token count (``tokens``, ``tokens_seen`` or ``tokens_processed``), the right one against tokens.
 
     Args:
         run_dir: Run directory (or a ``.jsonl`` file).

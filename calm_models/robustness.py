@@ -1,12 +1,10 @@
 """Robustness report of a trained autoencoder: token accuracy against latent noise.
 
-Decoding must survive Gaussian noise on the latent, because a language model's samples are
-never exact (CALM, Sec. 2). This command encodes held-out text, adds ``N(0, sigma^2 I)`` to every
-posterior mean and reports the fraction of tokens recovered per ``sigma``::
+Held-out text is encoded, ``N(0, sigma^2 I)`` added to every posterior mean and the fraction of tokens recovered
+reported per ``sigma`` (:doc:`/training` explains it), as a Markdown table, ``robustness.json`` and
+``robustness.png``::
 
     python -m calm_models.robustness RUN [--data FILE ...] [--max-tokens N] [--out DIR]
-
-It prints a Markdown table and writes ``robustness.json`` and ``robustness.png``.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     n = min(len(blocks), max(1, args.max_tokens // blocks.block_len))
     tokens = n * blocks.block_len
     device = next(ae.parameters()).device
-    size = args.batch_size
-    batches = (blocks.get_batch(torch.arange(i, min(n, i + size))).to(device) for i in range(0, n, size))
+    batches = (blocks.get_batch(ids).to(device) for ids in torch.arange(n).split(args.batch_size))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     table = robustness_table(ae, batches, sigmas=SIGMAS, generator=gen)
     source = ", ".join(args.data) if args.data else "validation split"
