@@ -1,9 +1,8 @@
 """BrierLM (and generation) for any local Hugging Face causal language model.
 
 :class:`HFLanguageModel` puts a ``transformers`` causal LM (Llama, GPT-2, Qwen, ...) behind the
-:class:`~calm_models.protocol.LanguageModel` protocol, so that ``python -m calm_models.evaluate --hf MODEL_DIR
---data FILE`` scores it as it scores the token baseline. ``transformers`` is optional (``pip install transformers``);
-nothing is downloaded.
+:class:`~calm_models.protocol.LanguageModel` protocol, so that ``evaluate --hf`` (:doc:`/released`) scores it as it
+scores the token baseline. ``transformers`` is optional (``pip install transformers``); nothing is downloaded.
 
 Axis key: ``b`` rows, ``L`` tokens, ``P`` positions, ``n`` n-gram order, ``V`` vocabulary.
 """

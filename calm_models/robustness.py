@@ -1,8 +1,7 @@
 """Robustness report of a trained autoencoder: token accuracy against latent noise.
 
-Held-out text is encoded, ``N(0, sigma^2 I)`` added to every posterior mean and the fraction of tokens recovered
-reported per ``sigma`` (:doc:`/training` explains it), as a Markdown table, ``robustness.json`` and
-``robustness.png``::
+The command encodes held-out text, adds ``N(0, sigma^2 I)`` to every posterior mean and reports the fraction of
+tokens recovered per ``sigma`` (see :doc:`/training`) as a Markdown table, ``robustness.json`` and ``robustness.png``::
 
     python -m calm_models.robustness RUN [--data FILE ...] [--max-tokens N] [--out DIR]
 """
