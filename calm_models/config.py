@@ -2,13 +2,9 @@
 
 Each section is a plain ``@dataclass`` that checks its own fields when it is built (``__post_init__``), so a config that
 exists is valid and the modules built from it trust it. A run is one :class:`TrainConfig` (or a :class:`PipelineConfig`:
-two stages and a sample), resolved with the precedence
-
-    dataclass defaults  <  preset  <  config file (YAML/TOML)  <  dotted overrides
-
-by :func:`load_config`. Merging, type checking and the parsing of ``key.sub=value`` overrides are OmegaConf's
-(structured configs); this module only turns every problem into one :class:`ConfigError` line that names the dotted
-field, e.g. ``optim.lr: Value 'fast' of type 'str' could not be converted to Float``.
+its stages and a sample), resolved by :func:`load_config` from the defaults, a preset, a YAML/TOML file and dotted
+overrides. Merging, type checks and override parsing are OmegaConf's (structured configs); every problem becomes one
+:class:`ConfigError` line that names the dotted field.
 
 Example:
     >>> cfg = load_config(TrainConfig, preset=preset("tiny", "ar"), overrides=["optim.lr=1e-3"])
@@ -23,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import sys
@@ -84,8 +81,7 @@ class AutoencoderConfig:
 
     Attributes:
         vocab_size: Token ids ``V``; ``None`` (the default, and the presets'): the tokenizer's, filled in when the
-            model is built, so the vocabulary has one home (``data``). A value that differs from the tokenizer's
-            is an error.
+            model is built (the vocabulary's one home is ``data``); a value that differs from it is an error.
         chunk_size: Tokens per latent vector ``K`` (paper: 4).
         latent_size: Latent dimension ``l`` (paper: 128).
         hidden_size: Hidden width ``H`` (paper: 512).
@@ -205,9 +201,8 @@ class HeadConfig:
         noise_size: Size ``z`` of the energy head's input noise.
         noise: The energy head's noise: ``"uniform"`` (``U[-1/2, 1/2]^z``, the paper's) or ``"normal"`` (``N(0, I)``).
         num_samples: Energy loss: head samples ``N`` per position (>= 2).
-        num_components: Energy head: a mixture of ``J`` generators (one noise offset each) with weights
-            predicted from the hidden state and trained exactly by the mixture energy score
-            (:func:`likelihood_free.mixture_energy_score`; ``N / J`` samples of each); 1: one generator.
+        num_components: Energy head: a mixture of ``J`` generators (one noise offset each; 1: one generator), weights
+            predicted from the hidden state, trained by :func:`likelihood_free.mixture_energy_score` (``N / J`` each).
         beta: Energy-score exponent in ``(0, 2)``.
         max_target_draws: Flow/diffusion loss: at most this many of the ``M`` targets are used.
         flow_steps: ODE solver steps of the flow sampler.
@@ -548,20 +543,14 @@ class RunConfig:
 class TrainConfig:
     """Everything one stage needs; the other stages ignore the sections they do not use.
 
+    Each section (``data``, ``autoencoder``, ``calm``, ``distill``, ``baseline``, ``optim``, ``schedule``, ``run``) is
+    documented by its class above, e.g. ``optim`` by :class:`OptimConfig`.
+
     Attributes:
         stage: ``autoencoder``, ``calm``, ``ar`` (the token baseline) or ``distill`` (a one-step head from a teacher).
-        data: Corpus, tokenizer and blocks.
-        autoencoder: Autoencoder architecture (``vocab_size`` comes from the tokenizer).
         autoencoder_path: ``calm`` stage: the trained autoencoder's run or checkpoint; ``distill``: optional, must be
             the teacher's autoencoder.
-        teacher_path: ``distill`` stage: the trained CALM run whose head teaches (its autoencoder and tokenizer are
-            used).
-        calm: CALM backbone, head and energy-loss targets.
-        distill: The ``distill`` stage's loss and teacher settings.
-        baseline: The token baseline: its backbone and ``tie_embeddings``.
-        optim: Optimiser.
-        schedule: Learning-rate schedule.
-        run: Execution settings.
+        teacher_path: ``distill`` stage: the CALM run whose head teaches; its autoencoder and tokenizer are used too.
     """
 
     stage: str = "autoencoder"
@@ -685,9 +674,7 @@ def _student(stage: str, latent_size: int = 128) -> dict[str, Any]:
 
 
 def _tiny(stage: str) -> TrainConfig:
-    """Trains on a 2-core CPU in minutes on the embedded standard-library corpus.
-
-    The energy head's beta is 0.5, not the paper's 1: at this scale it scores higher on synthetic languages."""
+    """Minutes on a 2-core CPU, on the stdlib corpus; beta 0.5, not the paper's 1, scores higher at this scale."""
     backbone = BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_size=704, max_seq_len=256)
     lm = stage != "autoencoder"
     steps, batch, every, evals = (3000, 16, 1000, 16) if lm else (400, 32, 100, 4)
@@ -791,22 +778,16 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            data = tomllib.loads(text)
+            data = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli").loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
     except Exception as exc:  # OS, decoding, YAML and TOML parser errors
         raise ConfigError(f"cannot parse {path}: {_one_line(exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    return data
+    return data or {}
 
 
 def load_config(
@@ -845,9 +826,7 @@ def load_config(
 
     try:
         merged = OmegaConf.structured(preset if preset is not None else cls)
-        for part in (data, _read_file(file) if file is not None else None):
-            if part is not None:
-                merged = OmegaConf.merge(merged, part)
+        merged = OmegaConf.merge(merged, data or {}, _read_file(file) if file is not None else {})
         if bad := [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]:
             raise ConfigError(f"override {bad[0]!r} must look like key.sub=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))

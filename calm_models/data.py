@@ -1,11 +1,5 @@
-"""Data pipeline: documents -> tokens -> blocks of ``K``-token chunks -> batches.
-
-1. **Readers** (:func:`read_documents`): text, JSONL, WikiText and Python files or glob patterns, in a deterministic
-   order; no document is silently dropped or cut, bad input raises :class:`DataError` naming file and line.
-2. **Tokenizer** (:class:`TextTokenizer`): a byte-level BPE trained here (exact round trip) or any ``tokenizer.json``.
-3. **Token cache** (:func:`build_token_cache`): the corpus tokenised once, EOS after every document, memory-mapped.
-4. **Blocks** (:class:`PackedBlocks`): the stream cut into blocks of ``block_len`` tokens, the last one padded.
-5. **Batches** (:class:`BlockLoader`): infinite, seeded, resumable and rank-sharded.
+"""Data pipeline: documents (:func:`read_documents`) -> tokens (:class:`TextTokenizer`, cached once by
+:func:`build_token_cache`) -> blocks of ``K``-token chunks (:class:`PackedBlocks`) -> batches (:class:`BlockLoader`).
 
 :func:`prepare_data` assembles them from a :class:`~calm_models.config.DataConfig`; with no files configured it uses the
 Python standard library's own source, which every installation has.
@@ -656,10 +650,8 @@ class PackedBlocks:
         return Batch(self.get_batch(idx), pos < self.num_tokens)
 
     def __repr__(self) -> str:
-        return (
-            f"PackedBlocks(num_blocks={self.num_blocks}, block_len={self.block_len}, "
-            f"num_tokens={self.num_tokens}, num_padding={self.num_padding})"
-        )
+        fields = ("num_blocks", "block_len", "num_tokens", "num_padding")
+        return f"PackedBlocks({', '.join(f'{name}={getattr(self, name)}' for name in fields)})"
 
 
 class BlockLoader:
@@ -744,8 +736,7 @@ class BlockLoader:
             ValueError: A state of another seed, shuffle setting or dataset, or malformed.
         """
         for name in ("seed", "shuffle", "num_blocks"):
-            if state.get(name) != getattr(self, name):
-                saved, ours = state.get(name), getattr(self, name)
+            if (saved := state.get(name)) != (ours := getattr(self, name)):
                 raise ValueError(f"the saved data position has {name}={saved!r} but this run has {name}={ours!r}")
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or not 0 <= offset <= self.num_blocks:
