@@ -190,7 +190,10 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         True
     """
     root = _root(run_dir)
-    name = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
+    try:
+        name = (root / "latest").read_text(encoding="utf-8").strip()
+    except OSError:  # missing or unreadable: the newest listed one
+        name = ""
     if name and "/" not in name:
         with contextlib.suppress(CheckpointError):
             read_meta(root / name)

@@ -1,5 +1,11 @@
-"""Data pipeline: documents (:func:`read_documents`) -> tokens (:class:`TextTokenizer`, cached once by
-:func:`build_token_cache`) -> blocks of ``K``-token chunks (:class:`PackedBlocks`) -> batches (:class:`BlockLoader`).
+"""Data pipeline: documents -> tokens -> blocks of ``K``-token chunks -> batches.
+
+1. **Readers** (:func:`read_documents`): text, JSONL, WikiText and Python files or glob patterns, in a deterministic
+   order; no document is silently dropped or cut, bad input raises :class:`DataError` naming file and line.
+2. **Tokenizer** (:class:`TextTokenizer`): a byte-level BPE trained here (exact round trip) or any ``tokenizer.json``.
+3. **Token cache** (:func:`build_token_cache`): the corpus tokenised once, EOS after every document, memory-mapped.
+4. **Blocks** (:class:`PackedBlocks`): the stream cut into blocks of ``block_len`` tokens, the last one padded.
+5. **Batches** (:class:`BlockLoader`): infinite, seeded, resumable and rank-sharded.
 
 :func:`prepare_data` assembles them from a :class:`~calm_models.config.DataConfig`; with no files configured it uses the
 Python standard library's own source, which every installation has.

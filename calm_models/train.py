@@ -110,7 +110,7 @@ class _Signals:
 
 
 @contextmanager
-def _RunLock(run_dir: Path) -> Iterator[None]:
+def _run_lock(run_dir: Path) -> Iterator[None]:
     """A :class:`filelock.FileLock` on ``run_dir/.lock`` for the run's life (the OS releases it when its process
     dies); ``run_dir/.lock.owner`` says who holds it, and a leftover one names the dead holder."""
     from filelock import FileLock, Timeout
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, ove
     """
     run, run_dir = cfg.run, Path(cfg.run.out_dir)
     info = _init_process(cfg)
-    with _RunLock(run_dir) if info.is_main else nullcontext():
+    with _run_lock(run_dir) if info.is_main else nullcontext():
         if info.is_main:
             _claim(run_dir, resume, overwrite)
         show = run.progress and info.is_main

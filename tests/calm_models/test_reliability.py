@@ -21,7 +21,7 @@ from calm_models.baseline import TokenLM
 from calm_models.config import BackboneConfig, TokenLMConfig
 from calm_models.data import PackedBlocks
 from calm_models.evaluate import evaluate_brier_lm
-from calm_models.train import _RunLock, main
+from calm_models.train import _run_lock, main
 from tests.calm_models._runs import tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]  # nothing mixed in
     # a second training while the first holds the lock is refused
-    with _RunLock(tmp_path / "run"):
+    with _run_lock(tmp_path / "run"):
         assert main([*tiny_args(tmp_path, "run", **{"run.steps": 4}), "--resume"]) == 2
         assert "in use by a running training" in _last_error(capsys)
     # the lock of a process that died is taken over, with a note
