@@ -48,8 +48,8 @@ class _Residual(nn.Module):
         return x + self.ffn(self.norm(x))
 
 
-def _stack(cfg: AutoencoderConfig, n: int) -> nn.ModuleList:
-    return nn.ModuleList(_Residual(cfg.hidden_size, cfg.ffn_size, cfg.norm_eps) for _ in range(n))
+def _stack(cfg: AutoencoderConfig, n: int) -> nn.Sequential:
+    return nn.Sequential(*(_Residual(cfg.hidden_size, cfg.ffn_size, cfg.norm_eps) for _ in range(n)))
 
 
 class _Encoder(nn.Module):
@@ -66,12 +66,8 @@ class _Encoder(nn.Module):
         self.to_latent = nn.Linear(h, 2 * cfg.latent_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.token_layers:
-            x = layer(x)  # (N, C, K, H)
-        x = self.squeeze(self.token_norm(x).flatten(-2))  # (N, C, H)
-        for layer in self.chunk_layers:
-            x = layer(x)
-        return self.to_latent(self.norm(x)).chunk(2, dim=-1)  # mean, log_std: (N, C, l) each
+        x = self.squeeze(self.token_norm(self.token_layers(x)).flatten(-2))  # (N, C, K, H) -> (N, C, H)
+        return self.to_latent(self.norm(self.chunk_layers(x))).chunk(2, dim=-1)  # mean, log_std: (N, C, l) each
 
 
 class _Decoder(nn.Module):
@@ -88,13 +84,9 @@ class _Decoder(nn.Module):
         self.norm = RMSNorm(h, cfg.norm_eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.from_latent(z)  # (N, C, H)
-        for layer in self.chunk_layers:
-            x = layer(x)
+        x = self.chunk_layers(self.from_latent(z))  # (N, C, H)
         x = self.expand(self.chunk_norm(x)).unflatten(-1, (self.chunk_size, -1))  # (N, C, K, H)
-        for layer in self.token_layers:
-            x = layer(x)
-        return self.norm(x)
+        return self.norm(self.token_layers(x))
 
 
 class Autoencoder(nn.Module):

@@ -1,9 +1,8 @@
 """Llama-style decoder shared by CALM and the token baseline, with a key/value cache.
 
-Pre-norm blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))``; rotary position embeddings (RoPE,
-"rotate half") from explicit position ids, so left-padded batches work; grouped-query attention
-through :func:`torch.nn.functional.scaled_dot_product_attention`; a SwiGLU feed-forward layer;
-a final RMSNorm. The caller owns the input embedding and the output head.
+Rotary position embeddings come from explicit position ids, so left-padded batches work; attention
+is grouped-query, through :func:`torch.nn.functional.scaled_dot_product_attention`. The caller owns
+the input embedding and the output head.
 
 Masking rules of :meth:`Backbone.forward` (``True`` = may attend): no mask and no cache is
 causal; no mask with a cache lets the new queries attend every cached key and, causally, the new

@@ -144,17 +144,28 @@ class TokenLM(nn.Module):
         loop it replaces is the naive formulation in ``benchmarks/_naive.py``).
         """
         tokens = self._tokens(tokens)
-        b, length = tokens.shape
-        ends = check_positions(positions, length, max_order, 1, tokens.device) - 1  # (P,)
+        (b, length), device, n = tokens.shape, tokens.device, max_order
+        ends = check_positions(positions, length, n, 1, device) - 1  # (P,)
         p = ends.shape[0]
         work = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
-        u = torch.rand(b, p, max_order, generator=generator, device=tokens.device, dtype=work)
-        cache = self.backbone.new_cache(b, length + (max_order - 1) * p) if max_order > 1 else None
+        u = torch.rand(b, p, n, generator=generator, device=device, dtype=work)
+        cache = self.backbone.new_cache(b, length + (n - 1) * p) if n > 1 else None
         logits = self.logits(tokens, cache=cache)  # (b, L, V)
-        target_lp = target_logprobs(logits.to(work), tokens, ends + 1, max_order)  # teacher forcing
-        start = logits[:, ends]  # (b, P, V)
-        samples, sample_lp = self._rollouts(start, ends, u, cache, length)
-        return BrierTerms(target_lp.cumsum(-1).exp(), sample_lp.cumsum(-1).exp(), samples)
+        target_lp = target_logprobs(logits.to(work), tokens, ends + 1, n)  # teacher forcing
+        prefix = torch.arange(length, device=device)[None, :] <= ends[:, None]  # (P, L)
+        own = torch.eye(p, dtype=torch.bool, device=device).repeat(1, n - 1)  # (P, (n-1)P)
+        mask = torch.cat([prefix, own], dim=1)[None, None]  # (1, 1, P, L + (n-1)P)
+        logits, samples, sample_lp = logits[:, ends], [], []  # (b, P, V): each rollout's first step
+        for j in range(n):
+            x, lp = sample_with_logprob(logits, u[..., j])  # (b, P) each
+            samples.append(x)
+            sample_lp.append(lp)
+            if j + 1 < n:
+                logits = self.logits(
+                    x, position_ids=(ends + j + 1)[None], attn_mask=mask[..., : length + (j + 1) * p], cache=cache
+                )
+        target_prob, sample_prob = target_lp.cumsum(-1).exp(), torch.stack(sample_lp, -1).cumsum(-1).exp()
+        return BrierTerms(target_prob, sample_prob, torch.stack(samples, -1))
 
     def brier_estimates(
         self,
@@ -175,23 +186,6 @@ class TokenLM(nn.Module):
             torch.Size([2, 2, 4])
         """
         return self.brier_terms(tokens, positions, max_order=max_order, generator=generator).estimates()
-
-    def _rollouts(self, start, ends, u, cache, length):
-        b, p, n = u.shape
-        device = start.device
-        prefix = torch.arange(length, device=device)[None, :] <= ends[:, None]  # (P, L)
-        own = torch.eye(p, dtype=torch.bool, device=device).repeat(1, n - 1)  # (P, (n-1)P)
-        mask = torch.cat([prefix, own], dim=1)[None, None]  # (1, 1, P, L + (n-1)P)
-        logits, samples, sample_lp = start, [], []
-        for j in range(n):
-            x, lp = sample_with_logprob(logits, u[..., j])  # (b, P) each
-            samples.append(x)
-            sample_lp.append(lp)
-            if j + 1 < n:
-                logits = self.logits(
-                    x, position_ids=(ends + j + 1)[None], attn_mask=mask[..., : length + (j + 1) * p], cache=cache
-                )
-        return torch.stack(samples, -1), torch.stack(sample_lp, -1)
 
     @torch.no_grad()
     def generate(

@@ -5,11 +5,9 @@ Command line::
     python -m calm_models.generate RUN --prompt "def main(" [--prompt ...] [--max-new-tokens 64]
         [--temperature 1.0] [--sampler exact|batch] [--num-candidates 200] [--seed 0]
 
-Several ``--prompt`` values are generated as one batch. For CALM a temperature below 1 comes
-from :mod:`likelihood_free`'s samplers without logits: ``exact`` (rejection with a Bernoulli
-factory, exact for any ``T`` in ``(0, 1]``; draws that cannot be tempered within the sampler's
-budget fall back to untempered ones, and the command says how many) or ``batch`` (the batch
-approximation over ``--num-candidates`` head samples). The token baseline divides its logits.
+Several ``--prompt`` values are generated as one batch. ``--sampler`` picks how CALM reaches a
+temperature below 1 (see :meth:`calm_models.model.CALM.generate`; the command says how many draws
+fell back untempered); the token baseline divides its logits.
 """
 
 from __future__ import annotations

@@ -2,13 +2,9 @@
 
 A head turns a backbone hidden state into a distribution over the next latent vector, with the
 interface of MAR's diffusion-loss module: ``loss(hidden, targets)`` is the per-position training
-loss and ``sample(hidden, num_samples)`` draws vectors. :class:`EnergyHead` (CALM) samples in
-one pass and trains with the energy score (:func:`likelihood_free.energy.energy_loss`);
-:class:`MLPEnergyHead` is the same head with the network of the authors' released models.
-:class:`FlowHead` (flow matching) and :class:`DiffusionHead` (DDPM, DDIM sampling) build on
-:class:`NoiseToDataHead` and sample iteratively. The other heads share one network: residual MLP
-blocks whose layer norms are modulated (shift, scale, gate) by the conditioning vector,
-zero-initialised (MAR's head, DiT's adaLN-Zero).
+loss and ``sample(hidden, num_samples)`` draws vectors. All but :class:`MLPEnergyHead` share one
+network: residual MLP blocks whose layer norms are modulated (shift, scale, gate) by the
+conditioning vector, zero-initialised (MAR's head, DiT's adaLN-Zero).
 
 Axis key: ``...`` leading axes of ``hidden``; ``n`` samples per position; ``M`` target draws;
 ``k`` target draws used by the regression losses; ``h`` hidden size; ``w`` head width;
@@ -55,8 +51,7 @@ class _AdaLNBlock(nn.Module):
 class _AdaLNMLP(nn.Module):
     """Input projection, adaLN blocks, modulated zero-initialised output: ``x (n, ..., in)`` -> ``(n, ..., out)``.
 
-    The conditioning ``y (1|n, ..., w)`` (already activated) may have a size-1 sample axis: the
-    modulations are then computed once per position and broadcast over the samples.
+    The activated conditioning ``y (1|n, ..., w)`` with a size-1 sample axis is broadcast over the samples.
     """
 
     def __init__(self, in_size: int, width: int, out_size: int, num_blocks: int, eps: float) -> None:
@@ -94,7 +89,12 @@ def _check_inputs(head: nn.Module, hidden: object, targets: object = None) -> No
         )
 
 
-def _check_noise(head: nn.Module, noise: object, shape: tuple[int, ...], hidden: torch.Tensor) -> torch.Tensor:
+def _start_noise(head: nn.Module, hidden, num_samples, size: int, noise, generator) -> torch.Tensor:
+    """The checked ``noise`` ``(n, ..., size)`` given to ``sample``, else the head's own draw."""
+    _check_inputs(head, hidden)
+    shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], size)
+    if noise is None:
+        return head._noise(shape, hidden, generator)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or tuple(noise.shape) != shape:
         got = f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"{type(head).__name__}: noise must be a float tensor {shape}, got {got}")
@@ -107,10 +107,9 @@ class EnergyHead(nn.Module):
     r"""CALM's energy head: one forward pass from (hidden state, uniform noise) to a latent vector.
 
     A sample is ``x = g(eps; c)``, ``eps ~ U[-1/2, 1/2]^z`` (or ``N(0, I)`` with ``cfg.noise="normal"``),
-    through the adaLN blocks modulated
-    by ``c = Linear(hidden)``; the output layer is zero-initialised (every sample is 0 at init).
-    Training minimises the negated unbiased energy score of ``N = cfg.num_samples`` samples
-    against the ``M`` targets,
+    through the adaLN blocks modulated by ``c = Linear(hidden)``; the output layer is zero-initialised
+    (every sample is 0 at init). Training minimises the negated unbiased energy score
+    (:func:`~likelihood_free.energy_loss`) of ``N = cfg.num_samples`` samples against the ``M`` targets,
     :math:`\frac{2}{NM}\sum_{i,k}\lVert x_i-y_k\rVert^\beta - \frac{1}{N(N-1)}\sum_{i\neq j}\lVert x_i-x_j\rVert^\beta`.
 
     With ``J = cfg.num_components > 1`` the head is a mixture of ``J`` generators: component ``j``
@@ -153,16 +152,11 @@ class EnergyHead(nn.Module):
         ``noise`` ``(n, ..., z)`` replaces the draws of ``cfg.noise`` (the distill stage pairs it
         with a teacher's noise); a mixture still draws its components.
         """
-        _check_inputs(self, hidden)
-        shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.cfg.noise_size)
-        if noise is None:
-            eps = self._noise(shape, hidden, generator)
-        else:
-            eps = _check_noise(self, noise, shape, hidden).to(hidden.dtype)
+        eps = _start_noise(self, hidden, num_samples, self.cfg.noise_size, noise, generator).to(hidden.dtype)
         if self.cfg.num_components > 1:  # component of each draw: j ~ pi, (B, n) -> (n, ...)
             weights = self.mixture(hidden).float().softmax(-1).reshape(-1, self.cfg.num_components)
             j = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
-            eps = eps + self.components(j.T.reshape(shape[:-1])).to(eps.dtype)
+            eps = eps + self.components(j.T.reshape(eps.shape[:-1])).to(eps.dtype)
         return self._generate(eps, hidden).to(hidden.dtype)  # (n, ..., l)
 
     def _noise(self, shape: tuple[int, ...], hidden: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -284,6 +278,9 @@ class NoiseToDataHead(nn.Module):
         y = F.silu(cond + self.time_embed(features))
         return self.net(x.to(cond.dtype), y).to(x.dtype)
 
+    def _noise(self, shape: tuple[int, ...], hidden: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype)
+
     def loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -291,7 +288,7 @@ class NoiseToDataHead(nn.Module):
         _check_inputs(self, hidden, targets)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         x1 = targets[: self.cfg.max_target_draws].to(acc)  # (k, ..., l)
-        x0 = torch.randn(x1.shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
+        x0 = self._noise(x1.shape, hidden, generator).to(acc)
         x_t, time, target = self._corrupt(x1, x0, generator)
         pred = self._net_out(x_t, time, self.cond_proj(hidden).unsqueeze(0))
         return (pred - target).pow(2).mean(dim=-1).mean(dim=0)
@@ -314,13 +311,8 @@ class NoiseToDataHead(nn.Module):
         replaces the standard normal start (with a deterministic sampler, flow or DDIM with
         ``eta = 0``, the sample is then a function of it).
         """
-        _check_inputs(self, hidden)
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        shape = (check_int(num_samples, "num_samples", 1), *hidden.shape[:-1], self.latent_size)
-        if noise is None:
-            x = torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype).to(acc)
-        else:
-            x = _check_noise(self, noise, shape, hidden).to(acc)
+        x = _start_noise(self, hidden, num_samples, self.latent_size, noise, generator)
+        x = x.to(torch.promote_types(hidden.dtype, torch.float32))
         cond = self.cond_proj(hidden).unsqueeze(0)  # (1, ..., w), reused at every step
         times = self._schedule(self._steps(num_steps))
 

@@ -1,5 +1,4 @@
-"""Helpers the models share to sample and to score: prompt padding, EOS cutting, BrierLM positions,
-target log-probabilities and token sampling by inverse CDF.
+"""Helpers the models share to sample and to score.
 
 Axis key: ``b`` rows, ``L`` tokens, ``P`` positions, ``n`` n-gram order, ``V`` vocabulary.
 """
