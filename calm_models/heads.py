@@ -14,6 +14,7 @@ Axis key: ``...`` leading axes of ``hidden``; ``n`` samples per position; ``M`` 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -203,16 +204,6 @@ class _MLPBlock(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-class _FinalLayer(nn.Module):
-    def __init__(self, width: int, out_size: int, eps: float) -> None:
-        super().__init__()
-        self.in_ln = nn.LayerNorm(width, eps=eps)
-        self.linears = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linears(self.in_ln(x))
-
-
 class MLPEnergyHead(EnergyHead):
     r"""The energy head of the authors' released models (``HeadConfig.type = "energy_mlp"``).
 
@@ -236,7 +227,8 @@ class MLPEnergyHead(EnergyHead):
         self.noise_embd, self.norm_noise = nn.Linear(cfg.noise_size, w), nn.LayerNorm(w, eps=eps)
         self.hidden_embd, self.norm_hidden = nn.Linear(cond_size, w), nn.LayerNorm(w, eps=eps)
         self.mlp_blocks = nn.ModuleList(_MLPBlock(w, eps) for _ in range(cfg.num_blocks))
-        self.final_layer = _FinalLayer(w, latent_size, eps)
+        final = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, latent_size))
+        self.final_layer = nn.Sequential(OrderedDict(in_ln=nn.LayerNorm(w, eps=eps), linears=final))
         _init_linears(self, lambda weight: nn.init.normal_(weight, std=0.02))
         nn.init.zeros_(self.final_layer.linears[-1].weight)
 
