@@ -184,6 +184,17 @@ def _calm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _load_tokenizer(given: str | None, eos_token: str | None, src: Path, ae_dir: Path | None) -> TextTokenizer:
+    """``given``, else the ``tokenizer.json`` beside the model or its autoencoder."""
+    beside = [d / "tokenizer.json" for d in (src, ae_dir) if d is not None and (d / "tokenizer.json").is_file()]
+    if not (given or beside):
+        raise ConversionError(f"no tokenizer.json beside {src}; pass --tokenizer FILE")
+    try:
+        return TextTokenizer.load(given or beside[0], eos_token=eos_token)
+    except DataError as exc:
+        raise ConversionError(str(exc)) from None
+
+
 def convert(
     reference_dir: str | Path,
     out_run: str | Path,
@@ -235,13 +246,7 @@ def convert(
     if stage == "calm":
         run_cfg = replace(run_cfg, calm=_calm_config(cfg, ae_cfg, src))
         weights.update(_calm_keys(state))
-    beside = [d / "tokenizer.json" for d in (src, ae_dir) if d is not None and (d / "tokenizer.json").is_file()]
-    if not (tokenizer or beside):
-        raise ConversionError(f"no tokenizer.json beside {src}; pass --tokenizer FILE")
-    try:
-        tok = TextTokenizer.load(tokenizer or beside[0], eos_token=eos_token)
-    except DataError as exc:
-        raise ConversionError(str(exc)) from None
+    tok = _load_tokenizer(tokenizer, eos_token, src, ae_dir)
     if tok.vocab_size != ae_cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model vocab_size={ae_cfg.vocab_size}")
     model = build_model(run_cfg, ae_cfg.vocab_size)
