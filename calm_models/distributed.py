@@ -33,32 +33,38 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """The device of a preference: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The device of a preference: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` (``cuda:LOCAL_RANK``),
+    ``mps``, or one device such as ``cuda:1`` or a :class:`torch.device`.
 
     Raises:
         ValueError: An unknown preference, or a requested device that is not available (one line).
 
     Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
+        >>> resolve_device("cpu"), resolve_device(torch.device("cpu"))
+        (device(type='cpu'), device(type='cpu'))
     """
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if device == "cuda":
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or not (index == "" or index.isdigit()):
+        raise ValueError(f"device must be one of auto, cpu, cuda, mps (or one device, cuda:N), got {device!r}")
+    if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                "device 'cuda' was requested but CUDA is not available on this machine; use device=cpu or device=auto"
+                f"device {name!r} was requested but CUDA is not available on this machine; use device=cpu or "
+                "device=auto"
             )
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        return torch.device("cuda", local_rank)
-    if device == "mps" and not mps:
+        index = int(index) if index else local_rank
+        if index >= torch.cuda.device_count():
+            what = f"LOCAL_RANK={local_rank}" if name == "cuda" else f"device {name!r}"
+            raise ValueError(f"{what} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if kind == "mps" and not mps:
         raise ValueError("device 'mps' was requested but MPS is not available; use device=cpu")
-    if device not in ("cpu", "mps"):
-        raise ValueError(f"device must be one of auto, cpu, cuda, mps, got {device!r}")
-    return torch.device(device)
+    return torch.device(name)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -188,7 +188,7 @@ def load_hf_run(
     if not (folder / "config.json").is_file():
         raise RunError(f"{folder}: no config.json (a local transformers model folder is needed)")
     try:
-        dev = resolve_device(str(device)) if str(device) in ("auto", "cuda", "mps") else torch.device(device)
+        dev = resolve_device(device)
         bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
         hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32)
         tokenizer = TextTokenizer.load(folder / "tokenizer.json", eos_token=eos_token)

@@ -109,7 +109,7 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
         tokenizer = TextTokenizer.load(chosen.parent.parent / "tokenizer.json")
         model = build_model(cfg, tokenizer.vocab_size)
         meta = ckpt.load_weights(chosen, model, verify=False)
-        dev = resolve_device(str(device)) if str(device) in ("auto", "cuda", "mps") else torch.device(device)
+        dev = resolve_device(device)
     except (ckpt.CheckpointError, ConfigError, DataError, ValueError, OSError) as exc:
         raise RunError(str(exc).splitlines()[0]) from None
     return LoadedRun(model.to(dev).eval(), cfg, tokenizer, chosen, int(meta["step"]), note)

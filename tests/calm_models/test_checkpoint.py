@@ -38,7 +38,15 @@ from calm_models.checkpoint import (
     save_checkpoint,
 )
 from calm_models.checkpoint import load_weights as load_model_weights
-from calm_models.distributed import DistInfo, all_reduce_mean, autocast_context, barrier, init_distributed, wrap_model
+from calm_models.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    autocast_context,
+    barrier,
+    init_distributed,
+    resolve_device,
+    wrap_model,
+)
 from calm_models.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -329,6 +337,12 @@ def test_distributed_helpers_single_process():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             init_distributed("cuda")
+        with pytest.raises(ValueError, match="device 'cuda:1' was requested but CUDA is not available"):
+            resolve_device("cuda:1")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu") and resolve_device("cpu:0").type == "cpu"
+    for bad in ("cuda:x", "gpu:0", "cpu:-1"):
+        with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, mps"):
+            resolve_device(bad)
 
 
 # ---------------------------------------------------------------------------------------------
